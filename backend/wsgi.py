@@ -1,0 +1,27 @@
+"""WSGI entry point for gunicorn: ``gunicorn backend.wsgi:app``.
+
+What this module is for: being imported by a WSGI server. Unlike the rest of
+the package it does its work at import time, because that is the job of an
+entry point: it builds the OTLP tracer provider from the ``OTEL_*`` variables
+and the app. With ``--workers N`` (no ``--preload``) each worker imports it,
+so each process gets its own provider and batch-processor thread.
+
+What it is not for: tests (they call ``backend.app.create_app`` with their
+own provider) or flags (gunicorn has its own; the ``BACKEND_*`` variables of
+``python -m backend`` do not apply, except ``BACKEND_ENABLE_TEST_CALLBACK``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from backend.app import create_app
+from backend.cli import TRUE_VALUES
+from gateway.telemetry import build_tracer_provider
+
+provider = build_tracer_provider("backend")
+app = create_app(
+    tracer_provider=provider,
+    enable_test_callback=os.environ.get("BACKEND_ENABLE_TEST_CALLBACK", "").strip().lower()
+    in TRUE_VALUES,
+)

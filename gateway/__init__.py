@@ -1,0 +1,5 @@
+"""Latency tracing gateway."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,525 @@
+"""The gateway's aiohttp application: routes, spans, CORS and Server-Timing.
+
+What it is for: putting the pieces together for each request. ``create_app``
+builds an ``aiohttp.web.Application`` with its upstream ``ClientSession``
+(opened and closed in ``cleanup_ctx``), the reserved ``/__gateway/`` routes,
+and the proxy handler that traces every forwarded request:
+SERVER span ("the request as the gateway saw it") → CLIENT span (the
+upstream call) → whatever the backend records under the context we inject.
+
+Not for: header rules (``proxy.py``), context trust (``context.py``) or
+process management (``cli.py``).
+
+Hot path rules: nothing here blocks the event loop, compiles a regex or logs
+at INFO per request; bodies are never buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import (
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+    get_tracer_provider,
+    set_span_in_context,
+)
+from opentelemetry.trace import (
+    TracerProvider as ApiTracerProvider,
+)
+from yarl import URL
+
+from gateway import __version__, context, proxy
+from gateway.config import GatewayConfig
+
+log = logging.getLogger("gateway")
+
+#: Reserved prefix, never forwarded (DESIGN §4).
+RESERVED_PREFIX: Final = "/__gateway/"
+
+#: RFC 9110 §9: methods with a standard meaning. Anything else is reported as
+#: ``_OTHER`` (HTTP semantic conventions, ``http.request.method``) so a client
+#: inventing methods cannot blow up span-name cardinality.
+KNOWN_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+#: Request headers a page may send cross-origin: ours plus the trace context.
+CORS_ALLOW_HEADERS: Final = (
+    "traceparent, tracestate, x-client-timestamp, x-client-clock, x-client-prev"
+)
+#: Response headers a page needs to read: Server-Timing for its trace id and
+#: the gateway's figures, X-Gateway-Clock for the clock sync.
+CORS_EXPOSE_HEADERS: Final = "Server-Timing, X-Gateway-Clock"
+#: How long a browser may cache our preflight answer (Chromium caps it at 2 h).
+CORS_MAX_AGE_S: Final = 600
+
+#: aiohttp's application keys.
+CONFIG_KEY: Final = web.AppKey("config", GatewayConfig)
+SESSION_KEY: Final = web.AppKey("session", aiohttp.ClientSession)
+TRACER_KEY: Final = web.AppKey("tracer", Tracer)
+PROVIDER_KEY: Final = web.AppKey("provider", ApiTracerProvider)
+
+_JSON: Final = "application/json"
+
+
+class _ProxyResponse(web.StreamResponse):
+    """A StreamResponse that adds no Content-Type and no Server of its own.
+
+    aiohttp fills in ``Content-Type: application/octet-stream`` and its own
+    ``Server`` when a response lacks them; a transparent proxy must pass the
+    upstream's absence on (DESIGN §4: "adds no default Content-Type").
+    ``Date`` is still added when missing, as RFC 9110 §6.6.1 asks of a
+    recipient with a clock.
+    """
+
+    __slots__ = ("_keep",)
+
+    def __init__(self, *, status: int, reason: str | None, keep: frozenset[str]) -> None:
+        super().__init__(status=status, reason=reason)
+        self._keep = keep
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        if "content-type" not in self._keep:
+            self._headers.popall("Content-Type", None)
+        if "server" not in self._keep:
+            self._headers.popall("Server", None)
+
+
+def _ms(ns: int) -> float:
+    return round(ns / 1e6, 3)
+
+
+def _json_error(status: int, message: str, trace_id: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if trace_id is not None:
+        body["trace_id"] = trace_id
+    return web.Response(status=status, text=json.dumps(body), content_type=_JSON)
+
+
+class Gateway:
+    """Per-process gateway state: configuration, tracer, upstream session."""
+
+    def __init__(self, config: GatewayConfig, tracer: Tracer) -> None:
+        self.config = config
+        self.tracer = tracer
+        self.upstream = config.upstream_url
+        self.upstream_origin = str(self.upstream.origin())
+        self.allowed_origins = frozenset(config.allowed_origins)
+        self.session: aiohttp.ClientSession | None = None
+        self._server_port = self.upstream.port
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=config.connect_timeout_s,
+            sock_read=config.read_timeout_s,
+        )
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def session_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections,
+            limit_per_host=0,
+            ttl_dns_cache=60,
+            enable_cleanup_closed=False,
+        )
+        # DESIGN §4: no shared cookie jar, no proxy variables from the
+        # environment, no automatic decompression, no added default headers.
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            auto_decompress=False,
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            timeout=self._timeout,
+            read_bufsize=proxy.CHUNK_BYTES,
+        )
+        app[SESSION_KEY] = self.session
+        try:
+            yield
+        finally:
+            await self.session.close()
+
+    # -- reserved routes -------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Upstream reachability (a TCP connect, no request), exporter queue, version."""
+        host = self.upstream.host or ""
+        port = self.upstream.port or 80
+        started = time.perf_counter_ns()
+        reachable = True
+        error = None
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port),
+                timeout=min(2.0, self.config.connect_timeout_s),
+            )
+            writer.close()
+        except (OSError, TimeoutError) as exc:
+            reachable = False
+            error = type(exc).__name__
+        body = {
+            "status": "ok" if reachable else "degraded",
+            "version": __version__,
+            "pid": os.getpid(),
+            "upstream": {
+                "url": self.upstream_origin,
+                "reachable": reachable,
+                "connect_ms": _ms(time.perf_counter_ns() - started) if reachable else None,
+                "error": error,
+            },
+            "exporter": exporter_status(request.app.get(PROVIDER_KEY)),
+        }
+        return web.Response(
+            status=200 if reachable else 503,
+            text=json.dumps(body),
+            content_type=_JSON,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def reserved_not_found(self, request: web.Request) -> web.Response:
+        return _json_error(404, f"no such gateway endpoint: {request.path}")
+
+    # -- CORS ------------------------------------------------------------
+
+    def _allowed_origin(self, request: web.BaseRequest) -> str | None:
+        origin = request.headers.get("origin")
+        return origin if origin is not None and origin in self.allowed_origins else None
+
+    def preflight(self, request: web.BaseRequest, origin: str) -> web.Response:
+        """Answer a CORS preflight from an allowed origin (Fetch standard,
+        "CORS-preflight fetch"): 204, the grant, no upstream call, no span."""
+        requested = request.headers.get("access-control-request-headers", "")
+        allow_headers = CORS_ALLOW_HEADERS + (", " + requested if requested.strip() else "")
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Origin": origin,
+                "Access-Control-Allow-Credentials": "true",
+                "Access-Control-Allow-Methods": request.headers["access-control-request-method"],
+                "Access-Control-Allow-Headers": allow_headers,
+                "Access-Control-Max-Age": str(CORS_MAX_AGE_S),
+                "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+            },
+        )
+
+    @staticmethod
+    def _add_cors(headers: CIMultiDict[str], origin: str) -> None:
+        # The gateway is the CORS authority for its allowlist: its grant
+        # replaces whatever the backend said for this origin. Other origins
+        # never reach this function, so the backend's own policy stands.
+        for name in ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials"):
+            headers.popall(name, None)
+        expose = [CORS_EXPOSE_HEADERS, *headers.popall("Access-Control-Expose-Headers", ())]
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Access-Control-Allow-Credentials"] = "true"
+        headers["Access-Control-Expose-Headers"] = ", ".join(expose)
+        # Resource Timing hides detailed timings cross-origin unless
+        # Timing-Allow-Origin names the page's origin (W3C Resource Timing §4.5).
+        headers["Timing-Allow-Origin"] = origin
+        headers.add("Vary", "Origin")
+
+    # -- the proxy -------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        t1_ns = time.time_ns()
+        t1_perf = time.perf_counter_ns()
+        method = request.method
+        origin = self._allowed_origin(request)
+        if (
+            origin is not None
+            and method == "OPTIONS"
+            and "access-control-request-method" in request.headers
+        ):
+            return self.preflight(request, origin)
+
+        too_big = proxy.header_limit_error(request)
+        if too_big is not None:
+            return _json_error(*too_big)
+
+        inbound = context.extract(request.headers, self.config.trust_context)
+        known = method if method in KNOWN_METHODS else "_OTHER"
+        fwd = proxy.forwarding(request, self.config.trusted_proxies)
+        attributes: dict[str, Any] = {
+            "http.request.method": known,
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            "client.address": fwd.client_address,
+            "network.peer.address": request.remote or "",
+            "network.protocol.version": f"{request.version.major}.{request.version.minor}",
+            "gateway.context.source": inbound.source,
+        }
+        if known == "_OTHER":
+            attributes["http.request.method_original"] = method[:64]
+        host = request.host
+        if host:
+            attributes["server.address"] = host.rsplit(":", 1)[0] if host[-1:] != "]" else host
+        user_agent = request.headers.get("user-agent")
+        if user_agent is not None:
+            attributes["user_agent.original"] = user_agent
+        server_span = self.tracer.start_span(
+            known if known != "_OTHER" else "HTTP",
+            context=inbound.parent,
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            links=inbound.links,
+            start_time=t1_ns,
+        )
+        try:
+            return await self._forward(request, server_span, fwd, origin, t1_perf)
+        except BaseException as exc:
+            server_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            server_span.set_attribute("error.type", type(exc).__qualname__)
+            raise
+        finally:
+            server_span.end()
+
+    async def _forward(
+        self,
+        request: web.Request,
+        server_span: Span,
+        fwd: proxy.Forwarding,
+        origin: str | None,
+        t1_perf: int,
+    ) -> web.StreamResponse:
+        server_ctx = server_span.get_span_context()
+        trace_id = f"{server_ctx.trace_id:032x}"
+        config = self.config
+
+        def fail(status: int, message: str, error_type: str) -> web.Response:
+            server_span.set_attribute("http.response.status_code", status)
+            server_span.set_attribute("error.type", error_type)
+            if status >= 500:
+                server_span.set_status(Status(StatusCode.ERROR, message))
+            response = _json_error(status, message, trace_id)
+            self._finish_headers(response.headers, server_span, origin, t1_perf, None)
+            return response
+
+        declared = request.content_length
+        if declared is not None and declared > config.max_body_bytes:
+            # The unread body is discarded by aiohttp's lingering read after the
+            # answer (closing at once would reset the connection and lose the 413).
+            return fail(413, f"request body larger than {config.max_body_bytes} bytes", "413")
+
+        raw_target = request.raw_path
+        if not raw_target.startswith("/"):
+            # Absolute-form (RFC 9112 §3.2.2): only its path and query go on;
+            # the authority in it never chooses where we connect (no open proxy).
+            url = URL(raw_target)
+            if not url.absolute or url.scheme not in ("http", "https"):
+                return fail(400, "request target must be a path or an http(s) URL", "400")
+            raw_target = url.raw_path_qs or "/"
+        path, _, query = raw_target.partition("?")
+        # Byte for byte: encoded=True keeps %2F as %2F and adds no quoting;
+        # scheme and authority come from GATEWAY_UPSTREAM alone.
+        target = URL.build(
+            scheme=self.upstream.scheme,
+            authority=self.upstream.raw_authority,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+
+        headers = proxy.upstream_request_headers(request, fwd)
+        client_span = self.tracer.start_span(
+            known_name(request.method),
+            context=set_span_in_context(server_span),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "http.request.method": known_name(request.method),
+                "url.full": redact(target),
+                "server.address": self.upstream.host or "",
+                "server.port": self._server_port or 80,
+            },
+        )
+        context.inject(headers, client_span.get_span_context())
+
+        counter = [0]
+        body = None
+        if proxy.request_has_body(request):
+            body = proxy.stream_request_body(request, config.max_body_bytes, counter)
+        assert self.session is not None
+        sent_perf = time.perf_counter_ns()
+        try:
+            upstream = await self.session.request(
+                request.method,
+                target,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+                chunked=None,
+            )
+        except BaseException as exc:
+            status, message, error_type = _classify(exc, counter[0] > config.max_body_bytes)
+            client_span.set_attribute("error.type", error_type)
+            client_span.set_status(Status(StatusCode.ERROR, message))
+            client_span.end()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if status >= 500:
+                log.warning("upstream %s %s: %s (%s)", request.method, path, message, error_type)
+            return fail(status, message, error_type)
+
+        upstream_ns = time.perf_counter_ns() - sent_perf
+        status = upstream.status
+        client_span.set_attribute("http.response.status_code", status)
+        if status >= 400:
+            client_span.set_attribute("error.type", str(status))
+            client_span.set_status(Status(StatusCode.ERROR))
+        server_span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            server_span.set_attribute("error.type", str(status))
+            server_span.set_status(Status(StatusCode.ERROR))
+
+        try:
+            out_headers = proxy.response_headers(upstream.headers)
+        except proxy.BadUpstreamHeader as exc:
+            upstream.close()
+            client_span.end()
+            log.warning("upstream sent header %r that is not UTF-8", str(exc))
+            return fail(502, f"upstream sent header {str(exc)!r} that is not UTF-8", "header")
+        keep = frozenset(k.lower() for k in ("Content-Type", "Server") if k in out_headers)
+        response = _ProxyResponse(status=status, reason=upstream.reason, keep=keep)
+        response.headers.extend(out_headers)
+        self._finish_headers(response.headers, server_span, origin, t1_perf, upstream_ns)
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD" and status not in (204, 304):
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            await response.write_eof()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The upstream died or stalled mid-body: cut the client's response
+            # (never complete it with a wrong length) and mark the spans.
+            error_type = "timeout" if isinstance(exc, TimeoutError) else type(exc).__qualname__
+            for span in (client_span, server_span):
+                span.set_attribute("error.type", error_type)
+                span.set_status(Status(StatusCode.ERROR, "upstream response cut short"))
+            log.warning("upstream %s %s died mid-body: %s", request.method, path, error_type)
+            _abort(request)
+            upstream.close()
+            return response
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError, OSError):
+            # The client went away: stop reading the upstream's body and
+            # give its connection up rather than back to the pool.
+            server_span.set_attribute("error.type", "client_disconnected")
+            upstream.close()
+            return response
+        finally:
+            client_span.end()
+        upstream.release()
+        return response
+
+    def _finish_headers(
+        self,
+        headers: CIMultiDict[str],
+        server_span: Span,
+        origin: str | None,
+        t1_perf: int,
+        upstream_ns: int | None,
+    ) -> None:
+        ctx = server_span.get_span_context()
+        gw_ns = time.perf_counter_ns() - t1_perf
+        # W3C Server Timing: gw is t2 − t1 (receipt to response headers, the
+        # upstream wait included), upstream the part spent waiting for the
+        # upstream's headers (DESIGN §5).
+        timing = f"gw;dur={_ms(gw_ns)}"
+        if upstream_ns is not None:
+            timing += f", upstream;dur={_ms(upstream_ns)}"
+            server_span.set_attribute("latency.upstream_ms", _ms(upstream_ns))
+        server_span.set_attribute("latency.gateway_ms", _ms(gw_ns))
+        timing += f', traceparent;desc="{context.format_traceparent(ctx)}"'
+        headers.add("Server-Timing", timing)
+        if origin is not None:
+            self._add_cors(headers, origin)
+
+
+def known_name(method: str) -> str:
+    return method if method in KNOWN_METHODS else "_OTHER"
+
+
+def redact(url: URL) -> str:
+    """``url.full`` without credentials (HTTP semantic conventions)."""
+    if url.user is not None or url.password is not None:
+        url = url.with_user("REDACTED").with_password("REDACTED")
+    return str(url)
+
+
+def _classify(exc: BaseException, body_too_large: bool) -> tuple[int, str, str]:
+    """(status, message, error.type) for a failure before the upstream answered."""
+    if body_too_large or isinstance(exc, proxy.BodyTooLarge):
+        return 413, "request body too large", "413"
+    if isinstance(exc, TimeoutError):
+        return 504, "upstream timed out", "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return 502, "upstream unreachable", type(exc).__qualname__
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        # The client's own body failed mid-upload (it disconnected or lied
+        # about its length).
+        return 400, "request body incomplete", type(exc).__qualname__
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return 502, "upstream failed", type(exc).__qualname__
+    return 502, "upstream failed", type(exc).__qualname__
+
+
+def _abort(request: web.BaseRequest) -> None:
+    """Drop the client connection without ending the response properly.
+
+    ``abort()`` (not ``close()``) discards buffered bytes, so aiohttp's later
+    attempt to finish the response (a terminating chunk) cannot reach the
+    client either: what the client sees is a truncated message.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def exporter_status(provider: ApiTracerProvider | None) -> dict[str, Any]:
+    """Queue size of the batch span processor, when one is there to ask."""
+    status: dict[str, Any] = {"queued_spans": None}
+    if not isinstance(provider, TracerProvider):
+        return status
+    for processor in getattr(provider._active_span_processor, "_span_processors", ()):
+        inner = getattr(processor, "_batch_processor", None)
+        queue = getattr(inner, "_queue", None)
+        if queue is not None:
+            status["queued_spans"] = len(queue)
+            status["max_queue_size"] = getattr(inner, "_max_queue_size", None)
+    return status
+
+
+def create_app(
+    config: GatewayConfig, *, tracer_provider: ApiTracerProvider | None = None
+) -> web.Application:
+    """The gateway as an aiohttp application (no sockets, no global state).
+
+    ``tracer_provider`` defaults to the global one; tests pass an SDK provider
+    with an in-memory exporter.
+    """
+    provider = tracer_provider if tracer_provider is not None else get_tracer_provider()
+    tracer = provider.get_tracer("gateway", __version__)
+    gateway = Gateway(config, tracer)
+    app = web.Application(handler_args=dict(proxy.PARSER_LIMITS))
+    app[CONFIG_KEY] = config
+    app[TRACER_KEY] = tracer
+    app[PROVIDER_KEY] = provider
+    app.cleanup_ctx.append(gateway.session_ctx)
+    app.router.add_get(RESERVED_PREFIX + "health", gateway.health, allow_head=True)
+    app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", gateway.reserved_not_found)
+    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    return app

@@ -1,0 +1,266 @@
+"""``python -m gateway``: parse flags, build the config, serve with N processes.
+
+What it is for: process management. With ``--workers N`` the parent forks N
+worker processes before it creates any thread, event loop or tracer; each
+worker binds its own ``SO_REUSEPORT`` socket on the same address, so the
+kernel spreads incoming connections across them (gunicorn's aiohttp worker
+shares one accept queue, which put all 16 of a benchmark's connections on one
+of two workers here, DESIGN §2). The parent forwards SIGTERM/SIGINT, waits
+for every worker to flush its spans and exit, and exits itself. A worker that
+dies on its own is logged and restarted, at most a few times a minute.
+
+Not for: anything a request touches (``app.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.config import LOG_LEVELS, TRUST_MODES, ConfigError, GatewayConfig
+
+log = logging.getLogger("gateway")
+
+#: How long a worker may take to drain connections and flush spans on SIGTERM.
+SHUTDOWN_GRACE_S = 10.0
+#: A worker that dies within this many seconds of starting is crash-looping:
+#: after MAX_QUICK_DEATHS of those the parent gives up instead of spinning.
+QUICK_DEATH_S = 5.0
+MAX_QUICK_DEATHS = 5
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad value is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="gateway",
+        description=(
+            "Latency tracing reverse proxy: forwards every request to one fixed upstream, "
+            "traces it with OpenTelemetry and measures the browser's network latency. "
+            "Every flag has an environment variable (in brackets); a flag wins over the "
+            "variable, the variable over the default. Spans are exported per the standard "
+            "OTEL_* variables (default endpoint http://127.0.0.1:4318)."
+        ),
+    )
+    p.add_argument(
+        "--upstream",
+        help="the only URL requests go to [GATEWAY_UPSTREAM] (default http://127.0.0.1:4567)",
+    )
+    p.add_argument("--host", help="listen address [GATEWAY_HOST] (default 127.0.0.1)")
+    p.add_argument("--port", help="listen port [GATEWAY_PORT] (default 8080)")
+    p.add_argument(
+        "--workers",
+        help="processes sharing the port via SO_REUSEPORT "
+        "[GATEWAY_WORKERS] (default: one per core)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        help="comma-separated browser origins granted CORS [GATEWAY_ALLOWED_ORIGINS]",
+    )
+    p.add_argument(
+        "--trust-context",
+        choices=TRUST_MODES,
+        help="what to do with the "
+        "browser's trace context [GATEWAY_TRUST_CONTEXT] (default continue)",
+    )
+    p.add_argument(
+        "--clock-key",
+        help="HMAC key for clock tokens, shared by replicas "
+        "[GATEWAY_CLOCK_KEY] (default: random per start)",
+    )
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="[GATEWAY_LOG_LEVEL] (default info)")
+    p.add_argument("--version", action="version", version=f"gateway {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = GatewayConfig.from_env(vars(args))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if config.workers > 1 and config.port == 0:
+        parser.error("--port 0 (any free port) works with --workers 1 only")
+    _setup_logging(config.log_level)
+    if config.clock_key_generated:
+        log.warning(
+            "GATEWAY_CLOCK_KEY is not set: using a random clock key for this start "
+            "(tokens do not survive a restart and other replicas cannot check them)"
+        )
+    try:
+        _check_bindable(config.host, config.port)
+    except OSError as exc:
+        print(
+            f"gateway: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if config.workers == 1:
+        sys.exit(run_worker(config))
+    sys.exit(_supervise(config))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+    )
+    # aiohttp's access log is a line per request at INFO: spans are our access
+    # log, and the hot path logs nothing per request.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Fail early and clearly when the address is taken.
+
+    Binding without SO_REUSEPORT also refuses a port that another process
+    (say, a gateway still running) holds *with* SO_REUSEPORT, which the
+    workers' own binds would silently share.
+    """
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, port))
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def run_worker(config: GatewayConfig) -> int:
+    """Serve until SIGTERM/SIGINT in this process; return the exit code."""
+    from gateway.app import create_app
+    from gateway.telemetry import ALWAYS_ON, build_tracer_provider
+
+    provider = build_tracer_provider("gateway", default_sampler=ALWAYS_ON)
+    app = create_app(config, tracer_provider=provider)
+
+    async def serve() -> None:
+        sock = _listen_socket(config.host, config.port)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+        await runner.setup()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        host, port = sock.getsockname()[:2]
+        print(
+            f"gateway listening on http://{_url_host(host)}:{port} -> {config.upstream}", flush=True
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down: draining connections")
+            await runner.cleanup()
+
+    try:
+        _run_loop(serve())
+    finally:
+        provider.shutdown()  # flushes queued spans
+    return 0
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop when installed (it is in requirements.txt), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _supervise(config: GatewayConfig) -> int:
+    """Fork the workers, forward signals, restart crashed ones, wait for all."""
+    children: dict[int, float] = {}
+    stopping = False
+    quick_deaths = 0
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = 1
+            try:
+                code = run_worker(config)
+            except Exception:
+                log.exception("worker failed")
+            finally:
+                os._exit(code)
+        children[pid] = time.monotonic()
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("starting %d worker processes on %s:%d", config.workers, config.host, config.port)
+    for _ in range(config.workers):
+        spawn()
+    deadline: float | None = None
+    exit_code = 0
+    while children:
+        if stopping and deadline is None:
+            deadline = time.monotonic() + SHUTDOWN_GRACE_S + 5
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            if deadline is not None and time.monotonic() > deadline:
+                for child in list(children):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
+            time.sleep(0.1)
+            continue
+        started = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            continue
+        log.error("worker %d exited with %s; restarting it", pid, code)
+        if started is not None and time.monotonic() - started < QUICK_DEATH_S:
+            quick_deaths += 1
+            if quick_deaths >= MAX_QUICK_DEATHS:
+                log.error("workers keep dying right after start; giving up")
+                exit_code = 1
+                forward(signal.SIGTERM, None)
+                continue
+        spawn()
+    return exit_code

@@ -1,0 +1,278 @@
+"""Gateway configuration: one frozen dataclass, read from flags, environment and defaults.
+
+Precedence is flag > environment variable > default (DESIGN §2, as the OTel
+BatchSpanProcessor does it). Every bad value raises :class:`ConfigError` with a
+one-line message naming the variable or flag and what would be accepted; the
+CLI turns it into ``gateway: error: …`` and exit code 2, never a traceback.
+
+Not for: the ``OTEL_*`` variables (read by the OTel SDK itself, see
+``telemetry.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from yarl import URL
+
+TrustMode = Literal["continue", "link", "restart"]
+TRUST_MODES: tuple[TrustMode, ...] = ("continue", "link", "restart")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+#: Origins of the demo frontend (port 3000), allowed cross-origin by default.
+DEFAULT_ALLOWED_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
+
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user gave is not usable; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimingRate:
+    """Token bucket for timing reports per client: ``per_s`` refill, ``burst`` depth."""
+
+    per_s: float = 20.0
+    burst: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Everything the gateway needs to know; see the table in README "Configuration"."""
+
+    upstream: str = "http://127.0.0.1:4567"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
+    trust_context: TrustMode = "continue"
+    # The HMAC key for clock tokens. repr=False: it must never reach a log line.
+    clock_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    clock_key_generated: bool = True
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    trusted_proxies: int = 0
+    max_connections: int = 1024
+    timing_rate: TimingRate = field(default_factory=TimingRate)
+    log_level: str = "info"
+
+    @property
+    def upstream_url(self) -> URL:
+        return URL(self.upstream)
+
+    def replace(self, **changes: Any) -> GatewayConfig:
+        """A copy with some fields changed, validated like the original."""
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        _check_upstream(self.upstream)
+        _check_port("GATEWAY_PORT", self.port)
+        if self.workers < 1:
+            raise ConfigError(f"GATEWAY_WORKERS must be at least 1, got {self.workers}")
+        if self.trust_context not in TRUST_MODES:
+            raise ConfigError(
+                f"GATEWAY_TRUST_CONTEXT must be one of {', '.join(TRUST_MODES)}, "
+                f"got {self.trust_context!r}"
+            )
+        for origin in self.allowed_origins:
+            _check_origin(origin)
+        if len(self.clock_key) < 16:
+            raise ConfigError("GATEWAY_CLOCK_KEY must be at least 16 bytes long")
+        for name, value in (
+            ("GATEWAY_CONNECT_TIMEOUT_S", self.connect_timeout_s),
+            ("GATEWAY_READ_TIMEOUT_S", self.read_timeout_s),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+        if self.max_body_bytes < 0:
+            raise ConfigError("GATEWAY_MAX_BODY_BYTES must not be negative")
+        if self.trusted_proxies < 0:
+            raise ConfigError("GATEWAY_TRUSTED_PROXIES must not be negative")
+        if self.max_connections < 1:
+            raise ConfigError("GATEWAY_MAX_CONNECTIONS must be at least 1")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"GATEWAY_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+
+    @classmethod
+    def from_env(
+        cls,
+        flags: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> GatewayConfig:
+        """Build from command-line flags (``None`` = not given) and the environment."""
+        flags = flags or {}
+        env = os.environ if environ is None else environ
+        defaults = cls()
+
+        def pick(attr: str, var: str, parse: Callable[[str, str], _T], default: _T) -> _T:
+            given = flags.get(attr)
+            if given is not None:
+                return parse(f"--{attr.replace('_', '-')}", str(given))
+            raw = env.get(var)
+            if raw is not None and raw.strip() != "":
+                return parse(var, raw.strip())
+            return default
+
+        key_text = pick("clock_key", "GATEWAY_CLOCK_KEY", _parse_str, "")
+        config = cls(
+            upstream=pick("upstream", "GATEWAY_UPSTREAM", _parse_str, defaults.upstream),
+            host=pick("host", "GATEWAY_HOST", _parse_str, defaults.host),
+            port=pick("port", "GATEWAY_PORT", _parse_int, defaults.port),
+            workers=pick("workers", "GATEWAY_WORKERS", _parse_int, defaults.workers),
+            allowed_origins=pick(
+                "allowed_origins", "GATEWAY_ALLOWED_ORIGINS", _parse_list, DEFAULT_ALLOWED_ORIGINS
+            ),
+            trust_context=pick(
+                "trust_context", "GATEWAY_TRUST_CONTEXT", _parse_trust, defaults.trust_context
+            ),
+            clock_key=key_text.encode() if key_text else defaults.clock_key,
+            clock_key_generated=not key_text,
+            connect_timeout_s=pick(
+                "connect_timeout_s", "GATEWAY_CONNECT_TIMEOUT_S", _parse_float, 5.0
+            ),
+            read_timeout_s=pick("read_timeout_s", "GATEWAY_READ_TIMEOUT_S", _parse_float, 30.0),
+            max_body_bytes=pick(
+                "max_body_bytes", "GATEWAY_MAX_BODY_BYTES", _parse_size, defaults.max_body_bytes
+            ),
+            trusted_proxies=pick("trusted_proxies", "GATEWAY_TRUSTED_PROXIES", _parse_int, 0),
+            max_connections=pick(
+                "max_connections", "GATEWAY_MAX_CONNECTIONS", _parse_int, defaults.max_connections
+            ),
+            timing_rate=pick("timing_rate", "GATEWAY_TIMING_RATE", _parse_rate, TimingRate()),
+            log_level=pick("log_level", "GATEWAY_LOG_LEVEL", _parse_str, "info").lower(),
+        )
+        config.validate()
+        return config
+
+
+def _parse_str(name: str, raw: str) -> str:
+    return raw
+
+
+def _parse_int(name: str, raw: str) -> int:
+    try:
+        return int(raw, 10)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
+    return value
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def _parse_size(name: str, raw: str) -> int:
+    match = _SIZE_RE.match(raw)
+    if not match:
+        raise ConfigError(f"{name} must be a size such as 10485760, 512KiB or 10MiB, got {raw!r}")
+    unit = (match.group(2) or "b").lower()
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def _parse_list(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_trust(name: str, raw: str) -> TrustMode:
+    value = raw.strip().lower()
+    for mode in TRUST_MODES:
+        if value == mode:
+            return mode
+    raise ConfigError(f"{name} must be one of {', '.join(TRUST_MODES)}, got {raw!r}")
+
+
+_RATE_RE = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*s)?\s*(?:,\s*burst\s*(\d+))?\s*$", re.IGNORECASE
+)
+
+
+def _parse_rate(name: str, raw: str) -> TimingRate:
+    match = _RATE_RE.match(raw)
+    if not match:
+        raise ConfigError(f"{name} must look like '20/s, burst 100', got {raw!r}")
+    per_s = float(match.group(1))
+    burst = int(match.group(2)) if match.group(2) else max(1, math.ceil(per_s * 5))
+    if per_s <= 0 or burst < 1:
+        raise ConfigError(f"{name} needs a positive rate and a burst of at least 1, got {raw!r}")
+    return TimingRate(per_s=per_s, burst=burst)
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name} must be a port number from 0 to 65535, got {port}")
+
+
+def _check_upstream(raw: str) -> None:
+    try:
+        url = URL(raw)
+    except ValueError as exc:
+        raise ConfigError(f"GATEWAY_UPSTREAM is not a URL: {raw!r} ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"GATEWAY_UPSTREAM must be http://host[:port] or https://…, got {raw!r}")
+    if url.raw_path not in ("", "/") or url.raw_query_string or url.raw_fragment:
+        raise ConfigError(
+            f"GATEWAY_UPSTREAM must not have a path, query or fragment (the request's own "
+            f"path is forwarded as is), got {raw!r}"
+        )
+    if url.user is not None or url.password is not None:
+        raise ConfigError("GATEWAY_UPSTREAM must not carry credentials")
+    _check_port("GATEWAY_UPSTREAM port", url.port or 0)
+
+
+def _check_origin(origin: str) -> None:
+    # An origin is scheme://host[:port] with nothing after it (RFC 6454 §6.1);
+    # "*" is refused on purpose: the gateway grants CORS per named origin only.
+    try:
+        url = URL(origin)
+    except ValueError:
+        url = URL()
+    if (
+        url.scheme not in ("http", "https")
+        or not url.host
+        or url.raw_path not in ("", "/")
+        or origin.endswith("/")
+    ):
+        raise ConfigError(
+            f"GATEWAY_ALLOWED_ORIGINS entries must be origins like http://localhost:3000, "
+            f"got {origin!r}"
+        )
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,228 @@
+"""Forwarding: which headers cross the gateway, and how bodies stream through it.
+
+What it is for: the transparent part of the proxy (DESIGN §4). The backend
+sees what the browser sent and the browser gets what the backend answered,
+except for what the functions here change: hop-by-hop headers, Host and
+``X-Forwarded-*``, propagation headers. Bodies move as streams in both
+directions, so memory stays constant whatever their size; compressed bytes
+are never touched.
+
+Not for: spans, trace context or CORS (``app.py``, ``context.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.context import PROPAGATION_HEADERS
+
+#: RFC 9110 §7.6.1: hop-by-hop fields a proxy removes before forwarding, in
+#: either direction, plus every field named in ``Connection``. Proxy-Authorization
+#: and Proxy-Authenticate belong to the hop as well (RFC 9110 §11.7.1–§11.7.2:
+#: consumed by the proxy they are meant for), so credentials meant for us never
+#: leak to the backend.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+
+#: Dropped from requests besides the hop-by-hop set: the gateway writes its own
+#: Host (the upstream's, as nginx's ``proxy_set_header Host $proxy_host``) and
+#: forwarding headers; ``Expect: 100-continue`` was already answered by the
+#: gateway's own server (RFC 9110 §10.1.1), so the backend must not answer it
+#: again; the ``X-Client-*`` timing headers are for the gateway alone.
+_REQUEST_DROP: Final = HOP_BY_HOP | PROPAGATION_HEADERS | {"host", "expect", "forwarded"}
+
+#: Limits a client can hit before anything is forwarded. nginx's default
+#: ``large_client_header_buffers`` is 4 × 8 KiB: one field line (name and
+#: value) may have 8 KiB, the request line too; the whole header section 32 KiB.
+MAX_FIELD_BYTES: Final = 8 * 1024
+MAX_HEADER_BYTES: Final = 32 * 1024
+MAX_HEADER_COUNT: Final = 100
+MAX_TARGET_BYTES: Final = 8 * 1024
+
+#: aiohttp's own parser answers 400 past these; they sit above our limits so
+#: that our 431/414 answer first (DESIGN §4).
+PARSER_LIMITS: Final = {
+    "max_line_size": 2 * MAX_TARGET_BYTES,
+    "max_field_size": 2 * MAX_FIELD_BYTES,
+    "max_headers": 2 * MAX_HEADER_COUNT,
+}
+
+#: Read size for streamed bodies (aiohttp's default buffer is 64 KiB).
+CHUNK_BYTES: Final = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    """The request body passed ``GATEWAY_MAX_BODY_BYTES`` while streaming."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """Who the client is, as the gateway's trust configuration sees it."""
+
+    client_address: str
+    x_forwarded_for: str
+    x_forwarded_host: str | None
+    x_forwarded_proto: str
+
+
+def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Field names listed in ``Connection`` (RFC 9110 §7.6.1), lowercased."""
+    values = headers.getall("connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
+    )
+
+
+def header_limit_error(request: web.BaseRequest) -> tuple[int, str] | None:
+    """``(status, message)`` when the request's head is over our limits, else None.
+
+    RFC 6585 §5: 431 for header fields that are too large, individually or
+    together; RFC 9110 §15.5.15: 414 for a target longer than we will handle.
+    """
+    if len(request.raw_path) > MAX_TARGET_BYTES:
+        return 414, f"request target longer than {MAX_TARGET_BYTES} bytes"
+    raw = request.raw_headers
+    if len(raw) > MAX_HEADER_COUNT:
+        return 431, f"more than {MAX_HEADER_COUNT} header fields"
+    total = 0
+    for name, value in raw:
+        size = len(name) + len(value) + 4
+        if size > MAX_FIELD_BYTES:
+            return 431, f"header field {name[:64].decode('latin-1')!r} is larger than 8 KiB"
+        total += size
+        if not value.isascii() and not _is_utf8(value):
+            # RFC 9110 §5.5 allows obs-text octets, but the upstream client
+            # can only send UTF-8: refuse rather than forward altered bytes.
+            return 400, f"header field {name[:64].decode('latin-1')!r} is not valid UTF-8"
+    if total > MAX_HEADER_BYTES:
+        return 431, f"header section larger than {MAX_HEADER_BYTES // 1024} KiB"
+    return None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def forwarding(request: web.BaseRequest, trusted_proxies: int) -> Forwarding:
+    """X-Forwarded-* for the upstream and the client address, werkzeug
+    ``ProxyFix`` style: trust is explicit configuration.
+
+    With ``trusted_proxies = N`` the last N entries of the inbound
+    X-Forwarded-For chain are kept and the peer appended; the client is the
+    N-th entry from the right (the address the outermost trusted proxy saw).
+    With N = 0 the inbound chain is dropped, as any client can write it.
+    """
+    peer = request.remote or ""
+    proto = request.scheme
+    host = request.headers.get("host")
+    if trusted_proxies <= 0:
+        return Forwarding(peer, peer, host, proto)
+    chain = [
+        item.strip()
+        for value in request.headers.getall("x-forwarded-for", ())
+        for item in value.split(",")
+        if item.strip()
+    ]
+    kept = chain[-trusted_proxies:]
+    client = kept[0] if len(chain) >= trusted_proxies else peer
+    forwarded_host = _trusted_last(request, "x-forwarded-host", trusted_proxies) or host
+    forwarded_proto = _trusted_last(request, "x-forwarded-proto", trusted_proxies) or proto
+    return Forwarding(client, ", ".join([*kept, peer]), forwarded_host, forwarded_proto)
+
+
+def _trusted_last(request: web.BaseRequest, name: str, trusted: int) -> str | None:
+    # ProxyFix: the value N entries from the right was set by the outermost
+    # trusted proxy; with fewer entries than N the header is not trusted.
+    items = [i.strip() for v in request.headers.getall(name, ()) for i in v.split(",")]
+    return items[-trusted] if len(items) >= trusted and items[-trusted] else None
+
+
+def upstream_request_headers(request: web.BaseRequest, fwd: Forwarding) -> CIMultiDict[str]:
+    """The request headers to send upstream: the client's, in order, minus the
+    dropped set and every ``Connection`` token, plus our forwarding headers."""
+    drop = connection_tokens(request.headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lname = name.lower()
+        if (
+            lname in _REQUEST_DROP
+            or lname in drop
+            or lname.startswith("x-forwarded-")
+            or lname.startswith("x-client-")
+        ):
+            continue
+        out.add(name, value)
+    out["X-Forwarded-For"] = fwd.x_forwarded_for
+    if fwd.x_forwarded_host:
+        out["X-Forwarded-Host"] = fwd.x_forwarded_host
+    out["X-Forwarded-Proto"] = fwd.x_forwarded_proto
+    return out
+
+
+class BadUpstreamHeader(Exception):
+    """The upstream sent a header value we cannot pass on unchanged."""
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response headers minus hop-by-hop ones, order and
+    repetition kept (every ``Set-Cookie`` stays its own field, RFC 6265 §3).
+
+    Raises :class:`BadUpstreamHeader` for a value that is not UTF-8 (aiohttp
+    hands it over with surrogate escapes, and could not write it back as it
+    came): the client gets a clear 502, not silently altered bytes.
+    """
+    drop = connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in drop:
+            continue
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadUpstreamHeader(name) from None
+        out.add(name, value)
+    return out
+
+
+def request_has_body(request: web.BaseRequest) -> bool:
+    # RFC 9112 §6.3: a request has a body only when it says so with
+    # Content-Length or Transfer-Encoding.
+    return request.body_exists
+
+
+async def stream_request_body(
+    request: web.BaseRequest, max_bytes: int, counter: list[int]
+) -> AsyncIterator[bytes]:
+    """Yield the client's body as it arrives; raise :class:`BodyTooLarge` past
+    ``max_bytes`` (for chunked bodies, whose size is unknown up front)."""
+    total = 0
+    async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+        total += len(chunk)
+        counter[0] = total
+        if total > max_bytes:
+            raise BodyTooLarge(total)
+        yield chunk

@@ -1,0 +1,640 @@
+"""The proxy bullets of DESIGN §4, over real sockets: gateway (aiohttp, real
+loopback port) → real Flask backend, or a scripted raw upstream for faults."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import GatewayFactory, Traced
+from tests.servers import BackendThread, parse_head, raw_request
+from tests.upstream import ScriptedUpstream, cut_after, fixed, stall
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+async def _raw(url: str, data: bytes, timeout_s: float = 10.0, until_close: bool = False) -> bytes:
+    return await asyncio.to_thread(
+        raw_request, _port(url), data, timeout_s=timeout_s, until_close=until_close
+    )
+
+
+async def _echo(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> dict[str, Any]:
+    async with http.request(kwargs.pop("method", "GET"), url, **kwargs) as resp:
+        assert resp.status == 200, await resp.text()
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
+def _headers(echo: dict[str, Any]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in echo["headers"]:
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+# -- the whole path --------------------------------------------------------
+
+
+async def test_home_feed_is_traced_end_to_end(
+    gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    gateway_spans: Traced,
+    backend: BackendThread,
+) -> None:
+    base = await gateway()
+    async with http.get(
+        base + "/api/activities/home",
+        headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+    ) as resp:
+        assert resp.status == 200
+        feed = await resp.json()
+        timing = resp.headers["Server-Timing"]
+    assert isinstance(feed, list)
+    assert feed
+    assert [s.kind.name for s in gateway_spans.spans()] == ["CLIENT", "SERVER"]
+    client_span, server_span = gateway_spans.spans()
+    backend_spans = {s.name: s for s in backend.traced.spans()}
+    flask_span = backend_spans["GET /api/activities/home"]
+    mock = backend_spans["mock-data"]
+    # One trace: browser's → gateway SERVER → gateway CLIENT → backend → mock-data.
+    for span in (server_span, client_span, flask_span, mock):
+        assert f"{span.context.trace_id:032x}" == TRACE_ID
+    assert server_span.parent is not None
+    assert f"{server_span.parent.span_id:016x}" == PARENT_ID
+    assert client_span.parent is not None
+    assert client_span.parent.span_id == server_span.context.span_id
+    assert flask_span.parent is not None
+    assert flask_span.parent.span_id == client_span.context.span_id
+    assert mock.parent is not None
+    assert mock.parent.span_id == flask_span.context.span_id
+    # HTTP semantic conventions on the SERVER span.
+    attrs = server_span.attributes or {}
+    assert attrs["http.request.method"] == "GET"
+    assert attrs["url.path"] == "/api/activities/home"
+    assert attrs["url.scheme"] == "http"
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["client.address"] == "127.0.0.1"
+    assert attrs["server.address"] == "127.0.0.1"
+    assert "user_agent.original" in attrs
+    assert (client_span.attributes or {})["url.full"] == backend.url + "/api/activities/home"
+    # Server-Timing names the gateway's own span (DESIGN §5).
+    assert f'traceparent;desc="00-{TRACE_ID}-{server_span.context.span_id:016x}-01"' in timing
+    gw = float(timing.split("gw;dur=")[1].split(",")[0])
+    upstream = float(timing.split("upstream;dur=")[1].split(",")[0])
+    assert 0 < upstream <= gw
+    assert attrs["latency.gateway_ms"] == gw
+    assert attrs["latency.upstream_ms"] == upstream
+
+
+# -- what crosses the gateway ------------------------------------------------
+
+
+async def test_raw_path_and_query_are_forwarded_byte_for_byte(
+    gateway: GatewayFactory, backend: BackendThread
+) -> None:
+    base = await gateway()
+    target = "/api/echo/a%2Fb/%7Euser/x;y?q=%2F&r=%20a+b&empty=&&z"
+    data = await _raw(
+        base, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
+    status, _, body = parse_head(data)
+    assert status == 200
+    assert json.loads(body)["raw_uri"] == target
+
+
+async def test_hop_by_hop_and_connection_tokens_are_stripped(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    base = await gateway()
+    # RFC 9110 §7.6.1: hop-by-hop fields and every field named in Connection.
+    echo = await _echo(
+        http,
+        base + "/api/echo",
+        headers={
+            "Connection": "keep-alive, X-Hop-Secret, x-other-hop",
+            "X-Hop-Secret": "1",
+            "X-Other-Hop": "2",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Trailer": "X-Checksum",
+            "Proxy-Authorization": "Basic c2VjcmV0",
+            "Proxy-Connection": "keep-alive",
+            "X-End-To-End": "kept",
+        },
+    )
+    seen = _headers(echo)
+    for name in (
+        "x-hop-secret",
+        "x-other-hop",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-connection",
+    ):
+        assert name not in seen, name
+    assert seen["x-end-to-end"] == ["kept"]
+
+
+async def test_response_hop_by_hop_headers_are_stripped(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    scripts = {
+        "/hop": fixed(
+            b"HTTP/1.1 200 OK\r\nConnection: X-Internal\r\nX-Internal: secret\r\n"
+            b"Keep-Alive: timeout=99\r\nProxy-Authenticate: Basic\r\nX-Kept: yes\r\n"
+            b"Content-Length: 2\r\n\r\nok"
+        )
+    }
+    async with ScriptedUpstream(scripts) as up:
+        base = await gateway(upstream=up.url)
+        async with http.get(base + "/hop") as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"ok"
+            for name in ("X-Internal", "Keep-Alive", "Proxy-Authenticate"):
+                assert name not in resp.headers
+            assert resp.headers["X-Kept"] == "yes"
+
+
+async def test_host_and_forwarded_headers(gateway: GatewayFactory, backend: BackendThread) -> None:
+    base = await gateway()
+    request = (
+        "GET /api/echo HTTP/1.1\r\nHost: shop.example:8443\r\n"
+        "X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil.example\r\n"
+        "X-Forwarded-Proto: https\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    status, _, body = parse_head(await _raw(base, request.encode()))
+    assert status == 200
+    seen = _headers(json.loads(body))
+    # The upstream's own host (nginx: proxy_set_header Host $proxy_host).
+    assert seen["host"] == [f"127.0.0.1:{backend.port}"]
+    # With GATEWAY_TRUSTED_PROXIES=0 the spoofed chain is dropped.
+    assert seen["x-forwarded-for"] == ["127.0.0.1"]
+    assert seen["x-forwarded-host"] == ["shop.example:8443"]
+    assert seen["x-forwarded-proto"] == ["http"]
+    assert "forwarded" not in seen
+
+
+async def test_trusted_proxy_chain_is_kept_and_client_address_derived(
+    gateway: GatewayFactory, gateway_spans: Traced
+) -> None:
+    base = await gateway(trusted_proxies=1)
+    request = (
+        "GET /api/echo HTTP/1.1\r\nHost: x\r\n"
+        "X-Forwarded-For: 6.6.6.6, 203.0.113.7\r\nX-Forwarded-Proto: https\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    status, _, body = parse_head(await _raw(base, request.encode()))
+    assert status == 200
+    seen = _headers(json.loads(body))
+    # ProxyFix semantics: the last N entries are trusted, the peer appended.
+    assert seen["x-forwarded-for"] == ["203.0.113.7, 127.0.0.1"]
+    assert seen["x-forwarded-proto"] == ["https"]
+    server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
+    assert (server.attributes or {})["client.address"] == "203.0.113.7"
+
+
+async def test_propagation_headers_replaced_by_exactly_one_context(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, gateway_spans: Traced
+) -> None:
+    base = await gateway()
+    echo = await _echo(
+        http,
+        base + "/api/echo",
+        headers={
+            "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
+            "tracestate": "vendor=value",
+            "b3": f"{TRACE_ID}-{PARENT_ID}-1",
+            "X-B3-TraceId": TRACE_ID,
+            "X-B3-SpanId": PARENT_ID,
+            "X-Client-Timestamp": "t=1700000000000",
+            "X-Client-Clock": "off=1",
+        },
+    )
+    seen = _headers(echo)
+    client_span = next(s for s in gateway_spans.spans() if s.kind.name == "CLIENT")
+    assert seen["traceparent"] == [f"00-{TRACE_ID}-{client_span.context.span_id:016x}-01"]
+    assert seen["tracestate"] == ["vendor=value"]
+    for name in ("b3", "x-b3-traceid", "x-b3-spanid", "x-client-timestamp", "x-client-clock"):
+        assert name not in seen
+
+
+async def test_no_default_headers_are_added_upstream(
+    gateway: GatewayFactory, backend: BackendThread
+) -> None:
+    base = await gateway()
+    request = (
+        "POST /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"
+    )
+    status, _, body = parse_head(await _raw(base, request.encode()))
+    assert status == 200
+    echo = json.loads(body)
+    seen = _headers(echo)
+    # aiohttp's client would add these; the browser did not send them.
+    for name in ("user-agent", "accept", "accept-encoding", "content-type"):
+        assert name not in seen, name
+    assert echo["body_bytes"] == 3
+
+
+async def test_header_order_and_repeats_survive(
+    gateway: GatewayFactory, backend: BackendThread
+) -> None:
+    base = await gateway()
+    request = (
+        "GET /api/echo HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 2\r\nX-A: 3\r\n"
+        "X-Unicode: \u00e9t\u00e9\r\nConnection: close\r\n\r\n"
+    )
+    status, _, body = parse_head(await _raw(base, request.encode()))
+    assert status == 200
+    names = [n.lower() for n, _ in json.loads(body)["headers"]]
+    assert names.index("x-a") < names.index("x-b")
+    # The WSGI server may join repeated fields with ", " (DESIGN §8).
+    assert _headers(json.loads(body))["x-a"] in (["1", "3"], ["1, 3"], ["1,3"])
+    # PEP 3333: WSGI hands header values over as latin-1 decoded bytes.
+    [unicode] = _headers(json.loads(body))["x-unicode"]
+    assert unicode.encode("latin-1").decode("utf-8") == "\u00e9t\u00e9"
+
+
+async def test_non_utf8_header_value_is_refused_not_altered(gateway: GatewayFactory) -> None:
+    base = await gateway()
+    data = await _raw(
+        base, b"GET /api/echo HTTP/1.1\r\nHost: x\r\nX-Bin: \xff\xfe\r\nConnection: close\r\n\r\n"
+    )
+    status, _, body = parse_head(data)
+    assert status == 400
+    assert "not valid UTF-8" in json.loads(body)["error"]
+
+
+# -- bodies ------------------------------------------------------------------
+
+
+async def test_gzip_bytes_pass_untouched(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, backend: BackendThread
+) -> None:
+    base = await gateway()
+    async with http.get(backend.url + "/api/gzip") as direct:
+        expected = await direct.read()
+    async with http.get(base + "/api/gzip", headers={"Accept-Encoding": "gzip"}) as resp:
+        body = await resp.read()
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert resp.headers["Content-Length"] == str(len(expected))
+    assert body == expected
+    assert json.loads(gzip.decompress(body))
+
+
+async def test_set_cookie_headers_stay_separate(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, backend: BackendThread
+) -> None:
+    base = await gateway()
+    async with http.get(backend.url + "/api/cookies") as direct:
+        expected = direct.headers.getall("Set-Cookie")
+    async with http.get(base + "/api/cookies") as resp:
+        cookies = resp.headers.getall("Set-Cookie")
+    assert len(expected) == 2
+    assert cookies == expected
+
+
+async def test_redirect_is_passed_through_not_followed(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    base = await gateway()
+    async with http.get(base + "/api/redirect", allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"] == "/api/activities/home"
+
+
+async def test_no_content_type_is_invented(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    scripts = {"/bare": fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbare")}
+    async with ScriptedUpstream(scripts) as up:
+        base = await gateway(upstream=up.url)
+        data = await _raw(base, b"GET /bare HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, headers, body = parse_head(data)
+    assert status == 200
+    assert body == b"bare"
+    names = [n.lower() for n, _ in headers]
+    assert "content-type" not in names
+    assert "server" not in names
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("HEAD", "/api/activities/home"), ("GET", "/api/status/204"), ("GET", "/api/status/304")],
+)
+async def test_no_body_for_head_204_304(gateway: GatewayFactory, method: str, path: str) -> None:
+    base = await gateway()
+    # Two requests on one connection: a stray body would corrupt the second.
+    request = f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    second = b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    data = await _raw(base, request + second, until_close=True)
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert rest.startswith(b"HTTP/1.1 200"), data[:400]
+    assert first.startswith(b"HTTP/1.1 " + (b"200" if method == "HEAD" else path[-3:].encode()))
+    if method == "HEAD":
+        assert b"content-length:" in first.lower()
+
+
+async def test_large_request_body_streams_with_its_hash(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    base = await gateway(max_body_bytes=64 * 1024 * 1024)
+    block = bytes(range(256)) * 4096  # 1 MiB
+    digest = hashlib.sha256()
+
+    async def body() -> Any:
+        for _ in range(40):
+            digest.update(block)
+            yield block
+
+    echo = await _echo(http, base + "/api/echo", method="PUT", data=body())
+    assert echo["body_bytes"] == 40 * len(block)
+    assert echo["body_sha256"] == digest.hexdigest()
+
+
+async def test_oversized_declared_body_is_413_without_upstream_call(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, backend: BackendThread
+) -> None:
+    base = await gateway(max_body_bytes=1000)
+    async with http.post(base + "/api/echo", data=b"x" * 1001) as resp:
+        assert resp.status == 413
+        assert "trace_id" in await resp.json()
+    assert backend.traced.spans() == []
+
+
+async def test_oversized_chunked_body_is_413(gateway: GatewayFactory) -> None:
+    base = await gateway(max_body_bytes=100_000)
+    chunk = b"%x\r\n%s\r\n" % (50_000, b"y" * 50_000)
+    head = b"POST /api/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data = await _raw(base, head + chunk * 3 + b"0\r\n\r\n")
+    status, _, body = parse_head(data)
+    assert status == 413
+    assert "too large" in json.loads(body)["error"]
+
+
+# -- limits and bad input ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ("X-Big: " + "a" * 9000 + "\r\n", 431),  # RFC 6585 §5: one field too large
+        ("".join(f"X-H{i}: {'b' * 600}\r\n" for i in range(60)), 431),  # whole section
+        ("".join(f"X-N{i}: 1\r\n" for i in range(150)), 431),  # too many fields
+    ],
+)
+async def test_header_limits_answer_431(gateway: GatewayFactory, extra: str, status: int) -> None:
+    base = await gateway()
+    data = await _raw(
+        base, f"GET /api/echo HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode()
+    )
+    assert parse_head(data)[0] == status
+
+
+async def test_long_target_is_414(gateway: GatewayFactory) -> None:
+    base = await gateway()
+    data = await _raw(
+        base,
+        f"GET /api/echo?{'q' * 9000} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert parse_head(data)[0] == 414
+
+
+async def test_absolute_form_cannot_choose_the_upstream(
+    gateway: GatewayFactory, backend: BackendThread
+) -> None:
+    base = await gateway()
+    for target in ("http://169.254.169.254/api/echo", "http://evil.example:80/api/echo?x=1"):
+        request = (
+            f"GET {target} HTTP/1.1\r\nHost: evil.example\r\n"
+            "X-Forwarded-Host: 10.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        status, _, body = parse_head(await _raw(base, request.encode()))
+        assert status == 200
+        echo = json.loads(body)
+        # It reached our backend, with only the path and query of the target.
+        assert echo["raw_uri"] == target.split("/", 3)[3].join(["/", ""])
+        assert _headers(echo)["host"] == [f"127.0.0.1:{backend.port}"]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET //evil.example/api/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /@evil.example/api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n",
+    ],
+)
+async def test_ssrf_shapes_never_leave_the_upstream(
+    gateway: GatewayFactory, request_bytes: bytes
+) -> None:
+    scripts: dict[str, Any] = {}
+    async with ScriptedUpstream(scripts) as up:
+        base = await gateway(upstream=up.url)
+        data = await _raw(base, request_bytes, timeout_s=3)
+        status = parse_head(data)[0]
+        assert status in (400, 404, 405)
+        # Whatever was forwarded went to our upstream, with the target as a path.
+        for head in up.requests:
+            assert head.split(b" ")[1].startswith(b"/")
+
+
+async def test_reserved_prefix_is_never_forwarded(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, backend: BackendThread
+) -> None:
+    base = await gateway()
+    async with http.get(base + "/__gateway/nope") as resp:
+        assert resp.status == 404
+        assert "no such gateway endpoint" in (await resp.json())["error"]
+    assert backend.traced.spans() == []
+
+
+# -- upstream failures -----------------------------------------------------------
+
+
+async def test_upstream_down_is_502_fast_with_error_span(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, gateway_spans: Traced
+) -> None:
+    from tests.servers import free_port
+
+    base = await gateway(upstream=f"http://127.0.0.1:{free_port()}", connect_timeout_s=20)
+    started = time.monotonic()
+    async with http.get(base + "/api/activities/home") as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    # Refused at once, not after the 20 s connect timeout.
+    assert time.monotonic() - started < 10
+    assert body["error"] == "upstream unreachable"
+    server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
+    client = next(s for s in gateway_spans.spans() if s.kind.name == "CLIENT")
+    assert body["trace_id"] == f"{server.context.trace_id:032x}"
+    assert server.status.status_code.name == "ERROR"
+    assert client.status.status_code.name == "ERROR"
+    assert (server.attributes or {})["error.type"] == "ClientConnectorError"
+    assert (server.attributes or {})["http.response.status_code"] == 502
+
+
+async def test_upstream_silent_is_504_after_read_timeout(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, gateway_spans: Traced
+) -> None:
+    async with ScriptedUpstream({"/stall": stall()}) as up:
+        base = await gateway(upstream=up.url, read_timeout_s=0.5)
+        started = time.monotonic()
+        async with http.get(base + "/stall") as resp:
+            assert resp.status == 504
+            assert (await resp.json())["error"] == "upstream timed out"
+        assert time.monotonic() - started >= 0.5
+    server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
+    assert (server.attributes or {})["error.type"] == "timeout"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 1000 + b"\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_upstream_dying_mid_body_cuts_the_client_response(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, gateway_spans: Traced, head: bytes
+) -> None:
+    async with ScriptedUpstream({"/cut": cut_after(head)}) as up:
+        base = await gateway(upstream=up.url)
+        async with http.get(base + "/cut") as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        # The gateway keeps serving.
+        async with http.get(base + "/__gateway/health") as health:
+            assert health.status == 200
+    server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
+    assert server.status.status_code.name == "ERROR"
+    assert (server.attributes or {})["error.type"] == "ClientPayloadError"
+
+
+async def test_upstream_header_that_is_not_utf8_is_a_clear_502(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    scripts = {"/h": fixed(b"HTTP/1.1 200 OK\r\nX-Name: \xe9t\xe9\r\nContent-Length: 0\r\n\r\n")}
+    async with ScriptedUpstream(scripts) as up:
+        base = await gateway(upstream=up.url)
+        async with http.get(base + "/h") as resp:
+            assert resp.status == 502
+            assert "not UTF-8" in (await resp.json())["error"]
+
+
+# -- reserved endpoints and CORS ---------------------------------------------------
+
+
+async def test_health_reports_upstream_and_exporter(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    from tests.servers import free_port
+
+    base = await gateway()
+    async with http.get(base + "/__gateway/health") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["upstream"]["reachable"] is True
+    assert "version" in body
+    assert "exporter" in body
+    down = await gateway(upstream=f"http://127.0.0.1:{free_port()}")
+    async with http.get(down + "/__gateway/health") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["upstream"]["reachable"] is False
+
+
+async def test_preflight_from_allowed_origin_is_answered_by_the_gateway(
+    gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    gateway_spans: Traced,
+    backend: BackendThread,
+) -> None:
+    base = await gateway()
+    async with http.options(
+        base + "/api/echo",
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, traceparent",
+        },
+    ) as resp:
+        assert resp.status == 204
+        assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+        allowed = resp.headers["Access-Control-Allow-Headers"].lower()
+        for name in (
+            "traceparent",
+            "tracestate",
+            "x-client-timestamp",
+            "x-client-clock",
+            "x-client-prev",
+            "content-type",
+        ):
+            assert name in allowed
+        assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+        assert int(resp.headers["Access-Control-Max-Age"]) > 0
+    assert backend.traced.spans() == []
+    assert gateway_spans.spans() == []
+
+
+async def test_preflight_from_other_origin_goes_to_the_backend_untouched(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, backend: BackendThread
+) -> None:
+    base = await gateway()
+    async with http.options(
+        base + "/api/echo",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    ) as resp:
+        echo = await resp.json()
+        assert "Access-Control-Allow-Origin" not in resp.headers
+        assert "Timing-Allow-Origin" not in resp.headers
+    assert echo["method"] == "OPTIONS"
+
+
+async def test_cors_exposure_only_for_allowed_origins(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    base = await gateway()
+    async with http.get(
+        base + "/api/activities/home", headers={"Origin": "http://127.0.0.1:3000"}
+    ) as resp:
+        assert resp.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:3000"
+        assert "Server-Timing" in resp.headers["Access-Control-Expose-Headers"]
+        assert resp.headers["Timing-Allow-Origin"] == "http://127.0.0.1:3000"
+        assert "Origin" in resp.headers.getall("Vary")
+    async with http.get(
+        base + "/api/activities/home", headers={"Origin": "https://evil.example"}
+    ) as resp:
+        for name in (
+            "Access-Control-Allow-Origin",
+            "Access-Control-Expose-Headers",
+            "Timing-Allow-Origin",
+        ):
+            assert name not in resp.headers
+
+
+async def test_unknown_method_is_other_in_the_span(
+    gateway: GatewayFactory, gateway_spans: Traced
+) -> None:
+    base = await gateway()
+    data = await _raw(base, b"PROPFIND /api/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert parse_head(data)[0] == 200
+    server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
+    assert server.name == "HTTP"
+    assert (server.attributes or {})["http.request.method"] == "_OTHER"
+    assert (server.attributes or {})["http.request.method_original"] == "PROPFIND"
