@@ -25,15 +25,13 @@ from typing import TYPE_CHECKING
 from werkzeug.serving import BaseWSGIServer, make_server
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import TracerProvider
+    pass
 
 log = logging.getLogger("backend")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4567
 DEFAULT_LOG_LEVEL = "info"
-#: How long a stop waits for queued spans to be exported.
-SHUTDOWN_FLUSH_TIMEOUT_S = 3.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 FALSE_VALUES = frozenset({"", "0", "false", "no", "off"})
@@ -155,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Imported here, not at module level, so --help and bad flags answer fast.
     from backend.app import create_app
-    from gateway.telemetry import build_tracer_provider
+    from gateway.telemetry import build_tracer_provider, shutdown_tracer_provider
 
     provider = build_tracer_provider("backend")
     app = create_app(tracer_provider=provider, enable_test_callback=options.enable_test_callback)
@@ -187,23 +185,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("stopping")
     server.shutdown()
     server.server_close()
-    _flush_spans(provider)
+    shutdown_tracer_provider(provider)
     return 0 if stop.is_set() else 1
-
-
-def _flush_spans(provider: TracerProvider) -> None:
-    """Shut the provider down, waiting at most ``SHUTDOWN_FLUSH_TIMEOUT_S``.
-
-    The OTLP exporter retries an unreachable endpoint for up to its 10 s
-    timeout; telemetry fails open (STYLE.md), so a dead collector must not
-    hold up a stop. Spans still queued after the wait are dropped.
-    """
-    flusher = threading.Thread(target=provider.shutdown, name="backend-flush", daemon=True)
-    flusher.start()
-    flusher.join(SHUTDOWN_FLUSH_TIMEOUT_S)
-    if flusher.is_alive():
-        log.warning(
-            "spans not exported within %.0f s of stopping were dropped "
-            "(is the OTLP endpoint reachable?)",
-            SHUTDOWN_FLUSH_TIMEOUT_S,
-        )

@@ -156,7 +156,7 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 def run_worker(config: GatewayConfig) -> int:
     """Serve until SIGTERM/SIGINT in this process; return the exit code."""
     from gateway.app import create_app
-    from gateway.telemetry import ALWAYS_ON, build_tracer_provider
+    from gateway.telemetry import ALWAYS_ON, build_tracer_provider, shutdown_tracer_provider
 
     provider = build_tracer_provider("gateway", default_sampler=ALWAYS_ON)
     app = create_app(config, tracer_provider=provider)
@@ -184,7 +184,7 @@ def run_worker(config: GatewayConfig) -> int:
     try:
         _run_loop(serve())
     finally:
-        provider.shutdown()  # flushes queued spans
+        shutdown_tracer_provider(provider)  # flushes queued spans, bounded
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 
@@ -132,10 +133,38 @@ def build_tracer_provider(
     return provider
 
 
+#: How long a stopping process waits for queued spans to be exported.
+SHUTDOWN_FLUSH_TIMEOUT_S = 3.0
+
+
+def shutdown_tracer_provider(
+    provider: TracerProvider, timeout_s: float = SHUTDOWN_FLUSH_TIMEOUT_S
+) -> bool:
+    """Flush and shut the provider down, waiting at most ``timeout_s``.
+
+    The OTLP exporter retries an unreachable endpoint for up to its 10 s
+    timeout; telemetry fails open (STYLE.md), so a dead collector must not
+    hold up a stop. Spans still queued after the wait are dropped, with one
+    warning. Returns True when the flush finished in time.
+    """
+    flusher = threading.Thread(target=provider.shutdown, name="otel-flush", daemon=True)
+    flusher.start()
+    flusher.join(timeout_s)
+    if flusher.is_alive():
+        log.warning(
+            "spans not exported within %.0f s of stopping were dropped "
+            "(is the OTLP endpoint reachable?)",
+            timeout_s,
+        )
+        return False
+    return True
+
+
 __all__ = [
     "ALWAYS_ON",
     "DEFAULT_OTLP_ENDPOINT",
     "build_resource",
     "build_tracer_provider",
     "otlp_traces_endpoint",
+    "shutdown_tracer_provider",
 ]

@@ -119,7 +119,9 @@ class OtlpReceiver:
             if predicate(spans):
                 return spans
             time.sleep(0.05)
-        raise AssertionError(f"spans never matched; got {[(s.service, s.name) for s in self.spans]}")
+        raise AssertionError(
+            f"spans never matched; got {[(s.service, s.name) for s in self.spans]}"
+        )
 
     def __enter__(self) -> OtlpReceiver:
         return self.start()

@@ -1,0 +1,144 @@
+"""``make run``: start the backend and the gateway, print where to point a
+browser or curl, stop both cleanly on Ctrl-C (or SIGTERM).
+
+Each component runs as its own process (``python -m backend``,
+``python -m gateway``) with its output prefixed by its name. When one of them
+exits on its own, the other is stopped too and this script exits non-zero.
+Configuration reaches the components through their usual ``GATEWAY_*``,
+``BACKEND_*`` and ``OTEL_*`` variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+STOP_GRACE_S = 15.0
+
+
+def _pump(name: str, stream: IO[bytes]) -> None:
+    for line in iter(stream.readline, b""):
+        sys.stdout.write(f"{name:>8} | {line.decode(errors='replace')}")
+        sys.stdout.flush()
+
+
+def _start(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # Own process group: the terminal's Ctrl-C reaches us, and we decide
+        # the order in which the components stop.
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    threading.Thread(target=_pump, args=(name, proc.stdout), daemon=True).start()
+    return proc
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    # The gateway first (it stops taking requests and flushes its spans),
+    # then the backend.
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="make run",
+        description="Start backend and gateway; Ctrl-C stops both.",
+    )
+    parser.add_argument("--backend-port", type=int, default=4567)
+    parser.add_argument("--gateway-port", type=int, default=8080)
+    args = parser.parse_args(argv)
+    backend_url = f"http://127.0.0.1:{args.backend_port}"
+    gateway_url = f"http://127.0.0.1:{args.gateway_port}"
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    backend = _start("backend", ["backend", "--port", str(args.backend_port)])
+    procs = [backend]
+    if not _wait_healthy(backend_url + "/api/health", backend):
+        print("make run: the backend did not start (see its output above)", file=sys.stderr)
+        _stop(procs)
+        return 1
+    gateway = _start(
+        "gateway", ["gateway", "--upstream", backend_url, "--port", str(args.gateway_port)]
+    )
+    procs = [gateway, backend]
+    if not _wait_healthy(gateway_url + "/__gateway/health", gateway):
+        print("make run: the gateway did not start (see its output above)", file=sys.stderr)
+        _stop(procs)
+        return 1
+
+    print(
+        f"""
+  Ready.
+    gateway  {gateway_url}   (every request is traced and forwarded to the backend)
+    backend  {backend_url}
+
+  Try:
+    curl -i -H 'traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01' \\
+         {gateway_url}/api/activities/home
+    curl {gateway_url}/__gateway/health
+
+  Spans go to OTEL_EXPORTER_OTLP_ENDPOINT (default http://127.0.0.1:4318).
+  Ctrl-C stops everything.
+""",
+        flush=True,
+    )
+    exit_code = 0
+    while not stopping.is_set():
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            print(f"make run: {dead[0].args[2]} exited with {dead[0].returncode}; stopping")
+            exit_code = 1
+            break
+        stopping.wait(0.5)
+    print("make run: stopping gateway and backend …", flush=True)
+    _stop(procs)
+    print("make run: stopped.", flush=True)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
