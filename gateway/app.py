@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Final
 
 import aiohttp
@@ -42,10 +42,14 @@ from opentelemetry.trace import (
 )
 from yarl import URL
 
-from gateway import __version__, context, proxy
+from gateway import __version__, context, measure, proxy, timing
 from gateway.config import GatewayConfig
+from gateway.cors import Cors
 
 log = logging.getLogger("gateway")
+
+#: How long one upstream reachability probe answers /__gateway/health.
+HEALTH_CACHE_S: Final = 1.0
 
 #: Reserved prefix, never forwarded (DESIGN §4).
 RESERVED_PREFIX: Final = "/__gateway/"
@@ -56,16 +60,6 @@ RESERVED_PREFIX: Final = "/__gateway/"
 KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
-
-#: Request headers a page may send cross-origin: ours plus the trace context.
-CORS_ALLOW_HEADERS: Final = (
-    "traceparent, tracestate, x-client-timestamp, x-client-clock, x-client-prev"
-)
-#: Response headers a page needs to read: Server-Timing for its trace id and
-#: the gateway's figures, X-Gateway-Clock for the clock sync.
-CORS_EXPOSE_HEADERS: Final = "Server-Timing, X-Gateway-Clock"
-#: How long a browser may cache our preflight answer (Chromium caps it at 2 h).
-CORS_MAX_AGE_S: Final = 600
 
 #: aiohttp's application keys.
 CONFIG_KEY: Final = web.AppKey("config", GatewayConfig)
@@ -119,8 +113,10 @@ class Gateway:
         self.tracer = tracer
         self.upstream = config.upstream_url
         self.upstream_origin = str(self.upstream.origin())
-        self.allowed_origins = frozenset(config.allowed_origins)
+        self.cors = Cors(config.allowed_origins)
+        self.measurement = measure.Measurement(config)
         self.session: aiohttp.ClientSession | None = None
+        self._health: tuple[float, dict[str, Any]] | None = None
         self._server_port = self.upstream.port
         self._timeout = aiohttp.ClientTimeout(
             total=None,
@@ -158,80 +154,65 @@ class Gateway:
 
     async def health(self, request: web.Request) -> web.Response:
         """Upstream reachability (a TCP connect, no request), exporter queue, version."""
-        host = self.upstream.host or ""
-        port = self.upstream.port or 80
-        started = time.perf_counter_ns()
-        reachable = True
-        error = None
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port),
-                timeout=min(2.0, self.config.connect_timeout_s),
-            )
-            writer.close()
-        except (OSError, TimeoutError) as exc:
-            reachable = False
-            error = type(exc).__name__
+        upstream = await self._upstream_health()
         body = {
-            "status": "ok" if reachable else "degraded",
+            "status": "ok" if upstream["reachable"] else "degraded",
             "version": __version__,
             "pid": os.getpid(),
-            "upstream": {
-                "url": self.upstream_origin,
-                "reachable": reachable,
-                "connect_ms": _ms(time.perf_counter_ns() - started) if reachable else None,
-                "error": error,
-            },
+            "upstream": upstream,
             "exporter": exporter_status(request.app.get(PROVIDER_KEY)),
         }
         return web.Response(
-            status=200 if reachable else 503,
+            status=200 if upstream["reachable"] else 503,
             text=json.dumps(body),
             content_type=_JSON,
             headers={"Cache-Control": "no-store"},
         )
 
+    async def _upstream_health(self) -> dict[str, Any]:
+        # One probe per HEALTH_CACHE_S at most: a burst of health checks (a
+        # load balancer, or anyone on the internet) must not become a burst
+        # of connections to the backend.
+        now = time.monotonic()
+        if self._health is not None and now - self._health[0] < HEALTH_CACHE_S:
+            return self._health[1]
+        started = time.perf_counter_ns()
+        result: dict[str, Any] = {"url": self.upstream_origin, "reachable": True, "error": None}
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.upstream.host, self.upstream.port),
+                timeout=min(2.0, self.config.connect_timeout_s),
+            )
+            writer.close()
+            result["connect_ms"] = _ms(time.perf_counter_ns() - started)
+        except (OSError, TimeoutError) as exc:
+            result["reachable"] = False
+            result["error"] = type(exc).__name__
+        self._health = (now, result)
+        return result
+
     async def reserved_not_found(self, request: web.Request) -> web.Response:
         return _json_error(404, f"no such gateway endpoint: {request.path}")
 
-    # -- CORS ------------------------------------------------------------
+    async def clock(self, request: web.Request) -> web.Response:
+        """``GET /__gateway/clock``: 204 with ``X-Gateway-Clock``, for the
+        snippet's start-up sync burst. No upstream call, no span, no body."""
+        t1_ns = time.time_ns()
+        t1_perf = time.perf_counter_ns()
+        response = web.Response(status=204, headers={"Cache-Control": "no-store"})
+        origin = self.cors.origin(request)
+        if origin is not None:
+            self.cors.grant(response.headers, origin)
+        t1_ms = t1_ns / 1e6
+        t2_ms = t1_ms + (time.perf_counter_ns() - t1_perf) / 1e6
+        response.headers["X-Gateway-Clock"] = self.measurement.clock_header(t1_ms, t2_ms, None)
+        return response
 
-    def _allowed_origin(self, request: web.BaseRequest) -> str | None:
-        origin = request.headers.get("origin")
-        return origin if origin is not None and origin in self.allowed_origins else None
-
-    def preflight(self, request: web.BaseRequest, origin: str) -> web.Response:
-        """Answer a CORS preflight from an allowed origin (Fetch standard,
-        "CORS-preflight fetch"): 204, the grant, no upstream call, no span."""
-        requested = request.headers.get("access-control-request-headers", "")
-        allow_headers = CORS_ALLOW_HEADERS + (", " + requested if requested.strip() else "")
-        return web.Response(
-            status=204,
-            headers={
-                "Access-Control-Allow-Origin": origin,
-                "Access-Control-Allow-Credentials": "true",
-                "Access-Control-Allow-Methods": request.headers["access-control-request-method"],
-                "Access-Control-Allow-Headers": allow_headers,
-                "Access-Control-Max-Age": str(CORS_MAX_AGE_S),
-                "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
-            },
-        )
-
-    @staticmethod
-    def _add_cors(headers: CIMultiDict[str], origin: str) -> None:
-        # The gateway is the CORS authority for its allowlist: its grant
-        # replaces whatever the backend said for this origin. Other origins
-        # never reach this function, so the backend's own policy stands.
-        for name in ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials"):
-            headers.popall(name, None)
-        expose = [CORS_EXPOSE_HEADERS, *headers.popall("Access-Control-Expose-Headers", ())]
-        headers["Access-Control-Allow-Origin"] = origin
-        headers["Access-Control-Allow-Credentials"] = "true"
-        headers["Access-Control-Expose-Headers"] = ", ".join(expose)
-        # Resource Timing hides detailed timings cross-origin unless
-        # Timing-Allow-Origin names the page's origin (W3C Resource Timing §4.5).
-        headers["Timing-Allow-Origin"] = origin
-        headers.add("Vary", "Origin")
+    async def reserved_preflight(self, request: web.Request) -> web.Response:
+        origin = self.cors.origin(request)
+        if origin is not None and self.cors.is_preflight(request):
+            return self.cors.preflight(request, origin)
+        return await self.reserved_not_found(request)
 
     # -- the proxy -------------------------------------------------------
 
@@ -239,13 +220,9 @@ class Gateway:
         t1_ns = time.time_ns()
         t1_perf = time.perf_counter_ns()
         method = request.method
-        origin = self._allowed_origin(request)
-        if (
-            origin is not None
-            and method == "OPTIONS"
-            and "access-control-request-method" in request.headers
-        ):
-            return self.preflight(request, origin)
+        origin = self.cors.origin(request)
+        if origin is not None and self.cors.is_preflight(request):
+            return self.cors.preflight(request, origin)
 
         too_big = proxy.header_limit_error(request)
         if too_big is not None:
@@ -279,8 +256,11 @@ class Gateway:
             links=inbound.links,
             start_time=t1_ns,
         )
+        verdict = self.measurement.evaluate(request.headers, fwd.client_address, t1_ns / 1e6)
+        measure.record(server_span, verdict)
+        exchange = _Exchange(server_span, origin, t1_ns, t1_perf, verdict)
         try:
-            return await self._forward(request, server_span, fwd, origin, t1_perf)
+            return await self._forward(request, exchange, fwd)
         except BaseException as exc:
             server_span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             server_span.set_attribute("error.type", type(exc).__qualname__)
@@ -289,13 +269,9 @@ class Gateway:
             server_span.end()
 
     async def _forward(
-        self,
-        request: web.Request,
-        server_span: Span,
-        fwd: proxy.Forwarding,
-        origin: str | None,
-        t1_perf: int,
+        self, request: web.Request, exchange: _Exchange, fwd: proxy.Forwarding
     ) -> web.StreamResponse:
+        server_span = exchange.server_span
         server_ctx = server_span.get_span_context()
         trace_id = f"{server_ctx.trace_id:032x}"
         config = self.config
@@ -306,7 +282,7 @@ class Gateway:
             if status >= 500:
                 server_span.set_status(Status(StatusCode.ERROR, message))
             response = _json_error(status, message, trace_id)
-            self._finish_headers(response.headers, server_span, origin, t1_perf, None)
+            self._finish_headers(response.headers, exchange, None)
             return response
 
         declared = request.content_length
@@ -396,14 +372,20 @@ class Gateway:
         keep = frozenset(k.lower() for k in ("Content-Type", "Server") if k in out_headers)
         response = _ProxyResponse(status=status, reason=upstream.reason, keep=keep)
         response.headers.extend(out_headers)
-        self._finish_headers(response.headers, server_span, origin, t1_perf, upstream_ns)
+        completed = False
         try:
-            await response.prepare(request)
+            self._finish_headers(response.headers, exchange, upstream_ns)
+            await _to_client(response.prepare(request))
             if request.method != "HEAD" and status not in (204, 304):
+                # Errors reading the upstream raise from the iterator itself;
+                # errors writing to the client come wrapped as _ClientGone.
                 async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            await response.write_eof()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                    await _to_client(response.write(chunk))
+            await _to_client(response.write_eof())
+            completed = True
+        except _ClientGone:
+            server_span.set_attribute("error.type", "client_disconnected")
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             # The upstream died or stalled mid-body: cut the client's response
             # (never complete it with a wrong length) and mark the spans.
             error_type = "timeout" if isinstance(exc, TimeoutError) else type(exc).__qualname__
@@ -412,41 +394,75 @@ class Gateway:
                 span.set_status(Status(StatusCode.ERROR, "upstream response cut short"))
             log.warning("upstream %s %s died mid-body: %s", request.method, path, error_type)
             _abort(request)
-            upstream.close()
-            return response
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError, OSError):
-            # The client went away: stop reading the upstream's body and
-            # give its connection up rather than back to the pool.
-            server_span.set_attribute("error.type", "client_disconnected")
-            upstream.close()
-            return response
         finally:
             client_span.end()
-        upstream.release()
+            # A fully read response goes back to the pool; anything else gives
+            # its connection up (unread bytes would poison the next request).
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()
         return response
 
     def _finish_headers(
-        self,
-        headers: CIMultiDict[str],
-        server_span: Span,
-        origin: str | None,
-        t1_perf: int,
-        upstream_ns: int | None,
+        self, headers: CIMultiDict[str], exchange: _Exchange, upstream_ns: int | None
     ) -> None:
-        ctx = server_span.get_span_context()
-        gw_ns = time.perf_counter_ns() - t1_perf
+        """Server-Timing, X-Gateway-Clock and CORS, just before the headers go
+        out: this is t2 (DESIGN §5, §6)."""
+        span = exchange.server_span
+        gw_ns = time.perf_counter_ns() - exchange.t1_perf
         # W3C Server Timing: gw is t2 − t1 (receipt to response headers, the
         # upstream wait included), upstream the part spent waiting for the
         # upstream's headers (DESIGN §5).
-        timing = f"gw;dur={_ms(gw_ns)}"
+        timing_value = f"gw;dur={_ms(gw_ns)}"
         if upstream_ns is not None:
-            timing += f", upstream;dur={_ms(upstream_ns)}"
-            server_span.set_attribute("latency.upstream_ms", _ms(upstream_ns))
-        server_span.set_attribute("latency.gateway_ms", _ms(gw_ns))
-        timing += f', traceparent;desc="{context.format_traceparent(ctx)}"'
-        headers.add("Server-Timing", timing)
-        if origin is not None:
-            self._add_cors(headers, origin)
+            timing_value += f", upstream;dur={_ms(upstream_ns)}"
+            span.set_attribute("latency.upstream_ms", _ms(upstream_ns))
+        span.set_attribute("latency.gateway_ms", _ms(gw_ns))
+        uplink = measure.server_timing(exchange.verdict)
+        if uplink is not None:
+            timing_value += ", " + uplink
+        traceparent = context.format_traceparent(span.get_span_context())
+        timing_value += f', traceparent;desc="{traceparent}"'
+        headers.add("Server-Timing", timing_value)
+        # t2 on the epoch clock, derived from the same monotonic interval as
+        # gw;dur so that t2 − t1 in the header equals the gateway's time.
+        t1_ms = exchange.t1_ns / 1e6
+        t2_ms = t1_ms + gw_ns / 1e6
+        headers["X-Gateway-Clock"] = self.measurement.clock_header(t1_ms, t2_ms, exchange.verdict)
+        if exchange.origin is not None:
+            self.cors.grant(headers, exchange.origin)
+
+
+class _ClientGone(Exception):
+    """Writing to the client failed: it disconnected."""
+
+
+async def _to_client(write: Awaitable[object]) -> None:
+    try:
+        await write
+    except OSError as exc:  # incl. aiohttp's ClientConnectionResetError
+        raise _ClientGone from exc
+
+
+class _Exchange:
+    """What one proxied request carries from receipt to response headers."""
+
+    __slots__ = ("origin", "server_span", "t1_ns", "t1_perf", "verdict")
+
+    def __init__(
+        self,
+        server_span: Span,
+        origin: str | None,
+        t1_ns: int,
+        t1_perf: int,
+        verdict: timing.Verdict,
+    ) -> None:
+        self.server_span = server_span
+        self.origin = origin
+        self.t1_ns = t1_ns
+        self.t1_perf = t1_perf
+        self.verdict = verdict
 
 
 def known_name(method: str) -> str:
@@ -520,6 +536,8 @@ def create_app(
     app[PROVIDER_KEY] = provider
     app.cleanup_ctx.append(gateway.session_ctx)
     app.router.add_get(RESERVED_PREFIX + "health", gateway.health, allow_head=True)
+    app.router.add_get(RESERVED_PREFIX + "clock", gateway.clock, allow_head=True)
+    app.router.add_route("OPTIONS", RESERVED_PREFIX + "{tail:.*}", gateway.reserved_preflight)
     app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", gateway.reserved_not_found)
     app.router.add_route("*", "/{tail:.*}", gateway.handle)
     return app

@@ -12,7 +12,6 @@ Not for: the ``OTEL_*`` variables (read by the OTel SDK itself, see
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import os
 import re
@@ -268,11 +267,3 @@ def _check_origin(origin: str) -> None:
             f"GATEWAY_ALLOWED_ORIGINS entries must be origins like http://localhost:3000, "
             f"got {origin!r}"
         )
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -55,11 +56,19 @@ def make_traced(sampler: Any = ALWAYS_ON, service: str = "test") -> Traced:
     return Traced(provider, exporter)
 
 
+# The backend's outgoing ``requests`` calls are instrumented once per process,
+# for the first tracer provider that asks (backend.app.create_app). Claim that
+# for the session backend's provider before any test builds another app, so
+# its callback CLIENT spans land in ``backend.traced``.
+_BACKEND_TRACED = make_traced(sampler=None, service="backend")
+RequestsInstrumentor().instrument(tracer_provider=_BACKEND_TRACED.provider)
+
+
 @pytest.fixture(scope="session")
 def backend() -> Iterator[BackendThread]:
     """The real backend on a real socket, shared by the session (its spans are
     collected in ``backend.traced``; clear them per test with ``backend.reset()``)."""
-    server = BackendThread(make_traced(sampler=None, service="backend"))
+    server = BackendThread(_BACKEND_TRACED)
     server.start()
     try:
         yield server

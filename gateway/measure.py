@@ -1,0 +1,107 @@
+"""Wiring between a request and the pure latency maths of ``timing.py``.
+
+What it is for: reading the ``X-Client-*`` headers off a request, applying the
+per-client rate limit, minting the ``X-Gateway-Clock`` header for the
+response, and writing a verdict onto the SERVER span as the ``latency.*``
+attributes of DESIGN §6.
+
+Not for: the maths itself (``timing.py``), which stays free of I/O and clocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Final
+
+from multidict import CIMultiDictProxy
+from opentelemetry.trace import Span
+
+from gateway import timing
+from gateway.config import GatewayConfig
+
+log = logging.getLogger("gateway.timing")
+
+_NO_VALUES: Final[list[str]] = []
+
+
+class Measurement:
+    """Per-process measurement state: the clock key and the rate limiter."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._key = config.clock_key
+        self.limiter = timing.RateLimiter(config.timing_rate.per_s, config.timing_rate.burst)
+
+    def evaluate(
+        self, headers: CIMultiDictProxy[str], client_key: str, t1_ms: float
+    ) -> timing.Verdict:
+        """The verdict for a request; ``absent`` when it sent no timestamp."""
+        stamp = headers.getall("x-client-timestamp", _NO_VALUES)
+        if not stamp:
+            return timing.ABSENT
+        if not self.limiter.allow(client_key, time.monotonic()):
+            return timing.RATE_LIMITED
+        verdict = timing.evaluate(
+            t1_ms=t1_ms,
+            timestamp=list(stamp),
+            clock=list(headers.getall("x-client-clock", _NO_VALUES)),
+            prev=list(headers.getall("x-client-prev", _NO_VALUES)),
+            key=self._key,
+        )
+        if verdict.raw_ms is not None and log.isEnabledFor(logging.DEBUG):
+            # The raw difference holds the client's clock offset: debug log
+            # only, never a span (DESIGN §6).
+            log.debug("timing %s/%s raw=%.3f ms", verdict.status, verdict.reason, verdict.raw_ms)
+        return verdict
+
+    def clock_header(self, t1_ms: float, t2_ms: float, verdict: timing.Verdict | None) -> str:
+        """``X-Gateway-Clock: t1=…, t2=…, tok="…"`` for a response."""
+        uplink, error = verdict.token_fields() if verdict is not None else (None, None)
+        token = timing.make_token(
+            self._key,
+            t2_ms=t2_ms,
+            t1_ms=t1_ms,
+            ts_ms=verdict.client_ts_ms if verdict is not None else None,
+            uplink_ms=uplink,
+            error_ms=error,
+            nonce=os.urandom(8),
+        )
+        return f't1={t1_ms:.3f}, t2={t2_ms:.3f}, tok="{token}"'
+
+
+def server_timing(verdict: timing.Verdict) -> str | None:
+    """``uplink;dur=<ms>;desc="<status>"`` when the request carried timing
+    headers, so a page can show what the gateway measured (DESIGN §5)."""
+    if verdict is timing.ABSENT:
+        return None
+    if verdict.uplink_ms is None:
+        return f'uplink;desc="{verdict.status}"'
+    return f'uplink;dur={verdict.uplink_ms:.3f};desc="{verdict.status}"'
+
+
+_ATTRIBUTES: Final = (
+    ("latency.uplink_ms", "uplink_ms"),
+    ("latency.uplink_error_ms", "uplink_error_ms"),
+    ("latency.uplink_upper_bound_ms", "upper_bound_ms"),
+    ("latency.rtt_ms", "rtt_ms"),
+    ("latency.pre_request_ms", "pre_request_ms"),
+    ("latency.clock_offset_bucket", "offset_bucket"),
+    ("latency.sync_delay_ms", "sync_delay_ms"),
+    ("latency.sync_age_ms", "sync_age_ms"),
+)
+
+
+def record(span: Span, verdict: timing.Verdict) -> None:
+    """The ``latency.*`` attributes of DESIGN §6 (never the raw offset)."""
+    attributes: dict[str, Any] = {
+        "latency.status": verdict.status,
+        "latency.reason": verdict.reason,
+    }
+    if verdict.status not in ("absent", "rate_limited", "invalid"):
+        attributes["latency.trust"] = verdict.trust
+        for key, field in _ATTRIBUTES:
+            value = getattr(verdict, field)
+            if value is not None:
+                attributes[key] = round(value, 3) if isinstance(value, float) else value
+    span.set_attributes(attributes)

@@ -1,0 +1,563 @@
+"""Unit tests for ``gateway/context.py``: the trust policy on top of the OTel
+propagators. Pure: headers in, ``InboundContext`` out; no servers, no clock.
+
+Every rule is one parametrized case whose id names the section of W3C Trace
+Context Level 2 (https://www.w3.org/TR/trace-context-2/) it checks, so a
+failing id says which rule broke. The same rules are checked end to end
+(gateway → backend → callback) in ``test_w3c_conformance.py``, which also
+pins the cases where OpenTelemetry's tracestate parser deviates from Level 2
+(``KNOWN_DEVIATIONS``); those are deliberately not repeated here.
+"""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanContext, TraceFlags, TraceState
+
+from gateway import context
+from gateway.config import TrustMode
+from gateway.context import InboundContext
+
+TRACE_ID = "12345678901234567890123456789012"
+PARENT_ID = "1234567890123456"
+VALID = f"00-{TRACE_ID}-{PARENT_ID}-01"
+B3_TRACE_ID = "80f198ee56343ba864fe8b2a57d3eff7"
+B3_SPAN_ID = "e457b5a2e4d86bd1"
+B3_SINGLE = f"{B3_TRACE_ID}-{B3_SPAN_ID}-1"
+
+
+def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    """Request headers as aiohttp hands them to the gateway (repeats kept)."""
+    return CIMultiDictProxy(CIMultiDict(list(pairs)))
+
+
+def parent_of(inbound: InboundContext) -> SpanContext:
+    return trace.get_current_span(inbound.parent).get_span_context()
+
+
+def extract(*pairs: tuple[str, str], mode: TrustMode = "continue") -> InboundContext:
+    return context.extract(headers(*pairs), mode)
+
+
+def assert_restarted(inbound: InboundContext, source: str) -> None:
+    """An empty parent (the SERVER span starts a new trace) and no links."""
+    assert inbound.source == source
+    assert not parent_of(inbound).is_valid
+    assert inbound.links == ()
+
+
+def header_len(state: TraceState) -> int:
+    """Length of the header ``state`` serialises to (commas included)."""
+    return len(",".join(f"{k}={v}" for k, v in state.items()))
+
+
+# -- traceparent: accepted ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "flags"),
+    [
+        pytest.param(VALID, 0x01, id="3.2.2 version 00, sampled"),
+        # The sampled flag is the caller's recommendation (§3.2.2.5.1); the
+        # gateway's sampler decides (DESIGN §5), so 00 is still a parent.
+        pytest.param(f"00-{TRACE_ID}-{PARENT_ID}-00", 0x00, id="3.2.2.5.1 sampled flag 00"),
+        pytest.param(f"00-{TRACE_ID}-{PARENT_ID}-02", 0x02, id="3.2.2.5.2 random-trace-id flag"),
+        pytest.param(f"00-{TRACE_ID}-{PARENT_ID}-03", 0x03, id="3.2.2.5.2 random and sampled"),
+        # §3.2.4: a higher version is parsed with the version-00 rules.
+        pytest.param(f"cc-{TRACE_ID}-{PARENT_ID}-01", 0x01, id="3.2.4 future version cc"),
+        pytest.param(
+            f"cc-{TRACE_ID}-{PARENT_ID}-01-what-the-future-will-be-like",
+            0x01,
+            id="3.2.4 future version with extra fields",
+        ),
+        # W3C test suite test_traceparent_ows_handling: OWS around the value.
+        pytest.param(f"\t {VALID} \t", 0x01, id="RFC 9110 5.5 OWS around traceparent"),
+    ],
+)
+def test_valid_traceparent_becomes_the_remote_parent(value: str, flags: int) -> None:
+    inbound = extract(("traceparent", value))
+    parent = parent_of(inbound)
+    assert inbound.source == "traceparent"
+    assert inbound.links == ()
+    assert parent.is_valid
+    assert parent.is_remote
+    assert f"{parent.trace_id:032x}" == TRACE_ID
+    assert f"{parent.span_id:016x}" == PARENT_ID
+    assert int(parent.trace_flags) == flags
+
+
+@pytest.mark.parametrize("name", ["TraceParent", "TrAcEpArEnT", "TRACEPARENT"])
+def test_traceparent_header_name_in_any_case(name: str) -> None:
+    # §3.2.1: vendors MUST expect the header name in any case.
+    inbound = extract((name, VALID))
+    assert inbound.source == "traceparent"
+    assert f"{parent_of(inbound).trace_id:032x}" == TRACE_ID
+
+
+def test_random_flag_is_kept_in_the_parsed_context() -> None:
+    # §3.2.2.5.2: the flag belongs to the trace-id; the SDK copies it from
+    # this parent to the gateway's spans only if the parsed context keeps it.
+    parent = parent_of(extract(("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-02")))
+    assert parent.trace_flags.random_trace_id
+    assert not parent.trace_flags.sampled
+
+
+def test_future_version_may_be_as_long_as_the_gateway_allows() -> None:
+    # §3.2.4: "only disallow prohibitively large headers": up to the limit it parses.
+    head = f"cc-{TRACE_ID}-{PARENT_ID}-01-"
+    value = head + "x" * (context.MAX_TRACEPARENT_CHARS - len(head))
+    assert len(value) == context.MAX_TRACEPARENT_CHARS
+    assert extract(("traceparent", value)).source == "traceparent"
+    assert_restarted(extract(("traceparent", value + "x")), "invalid")
+
+
+# -- traceparent: refused (the trace restarts) -------------------------------
+
+
+TRACE_ID_UPPER = TRACE_ID[:-1] + "A"
+PARENT_ID_UPPER = PARENT_ID[:-1] + "A"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param([f"AA-{TRACE_ID}-{PARENT_ID}-01"], id="3.2.2.1 version uppercase hex"),
+        pytest.param([f"ff-{TRACE_ID}-{PARENT_ID}-01"], id="3.2.2.1 version ff is invalid"),
+        pytest.param([f"000-{TRACE_ID}-{PARENT_ID}-01"], id="3.2.4 version too long"),
+        pytest.param([f"0-{TRACE_ID}-{PARENT_ID}-01"], id="3.2.4 version too short"),
+        pytest.param([f".0-{TRACE_ID}-{PARENT_ID}-01"], id="3.2.4 version illegal character"),
+        pytest.param([f"00-{TRACE_ID_UPPER}-{PARENT_ID}-01"], id="3.2.2.3 trace-id uppercase hex"),
+        pytest.param([f"00-{'0' * 32}-{PARENT_ID}-01"], id="3.2.2.3 trace-id all zeros"),
+        pytest.param([f"00-{TRACE_ID}3-{PARENT_ID}-01"], id="3.2.2.3 trace-id too long"),
+        pytest.param([f"00-{TRACE_ID[:-1]}-{PARENT_ID}-01"], id="3.2.2.3 trace-id too short"),
+        pytest.param([f"00-.{TRACE_ID[1:]}-{PARENT_ID}-01"], id="3.2.2.3 trace-id illegal char"),
+        pytest.param([f"00-{TRACE_ID}-{PARENT_ID_UPPER}-01"], id="3.2.2.4 parent-id uppercase hex"),
+        pytest.param([f"00-{TRACE_ID}-{'0' * 16}-01"], id="3.2.2.4 parent-id all zeros"),
+        pytest.param([f"00-{TRACE_ID}-{PARENT_ID}7-01"], id="3.2.2.4 parent-id too long"),
+        pytest.param([f"00-{TRACE_ID}-{PARENT_ID[:-1]}-01"], id="3.2.2.4 parent-id too short"),
+        pytest.param([f"00-{TRACE_ID}-{PARENT_ID[:-1]}.-01"], id="3.2.2.4 parent-id illegal char"),
+        pytest.param([f"00-{TRACE_ID}-{PARENT_ID}-0A"], id="3.2.2.5 trace-flags uppercase hex"),
+        pytest.param([f"00-{TRACE_ID}-{PARENT_ID}-001"], id="3.2.2.5 trace-flags too long"),
+        pytest.param([f"00-{TRACE_ID}-{PARENT_ID}-1"], id="3.2.2.5 trace-flags too short"),
+        pytest.param([f"00-{TRACE_ID}-{PARENT_ID}-.0"], id="3.2.2.5 trace-flags illegal char"),
+        # Version 00 is exactly four fields (§3.2.2.2 version-format).
+        pytest.param([f"{VALID}-what-the-future-will-be-like"], id="3.2.2.2 extra field after 00"),
+        pytest.param([f"{VALID}."], id="3.2.2.2 trailing character after 00"),
+        # §3.2.4: the flags of a higher version must end the value or be
+        # followed by a dash.
+        pytest.param(
+            [f"cc-{TRACE_ID}-{PARENT_ID}-01.what"], id="3.2.4 future flags not dash-ended"
+        ),
+        pytest.param([""], id="3.2.2 empty value"),
+        # Two fields cannot be told apart: RFC 9110 §5.3 would combine them
+        # into one value that is no traceparent (W3C suite
+        # test_traceparent_duplicated expects a new trace).
+        pytest.param([VALID, f"00-{TRACE_ID[:-1]}1-{PARENT_ID}-01"], id="3.2 duplicated header"),
+        pytest.param([VALID, VALID], id="3.2 duplicated header, same value"),
+        pytest.param(["x" * (context.MAX_TRACEPARENT_CHARS + 1)], id="3.2.4 prohibitively large"),
+    ],
+)
+def test_invalid_traceparent_restarts_the_trace(values: list[str]) -> None:
+    inbound = extract(*[("traceparent", v) for v in values])
+    assert_restarted(inbound, "invalid")
+
+
+def test_duplicated_traceparent_in_different_case_is_still_duplicated() -> None:
+    inbound = extract(("traceparent", VALID), ("TraceParent", VALID))
+    assert_restarted(inbound, "invalid")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["\u00e9" * 60, "00-" + "\x00" * 52, "\r\n" * 30, "-" * 55, "00--" + "-" * 51],
+    ids=["non-ascii", "nul bytes", "crlf", "dashes", "empty fields"],
+)
+def test_malformed_traceparent_is_a_verdict_not_an_exception(value: str) -> None:
+    # STYLE: malformed input from the outside world is a verdict.
+    assert_restarted(extract(("traceparent", value), ("tracestate", value)), "invalid")
+
+
+def test_invalid_traceparent_does_not_fall_back_to_b3() -> None:
+    # The client spoke W3C; a broken traceparent restarts the trace (§4.3)
+    # rather than letting a second header format choose the trace.
+    single = extract(("traceparent", f"ff-{TRACE_ID}-{PARENT_ID}-01"), ("b3", B3_SINGLE))
+    multi = extract(
+        ("traceparent", f"ff-{TRACE_ID}-{PARENT_ID}-01"),
+        ("x-b3-traceid", B3_TRACE_ID),
+        ("x-b3-spanid", B3_SPAN_ID),
+        ("x-b3-sampled", "1"),
+    )
+    assert_restarted(single, "invalid")
+    assert_restarted(multi, "invalid")
+
+
+def test_invalid_traceparent_means_tracestate_is_not_parsed() -> None:
+    # §3.3: if the vendor failed to parse traceparent, it MUST NOT parse tracestate.
+    inbound = extract(("traceparent", f"00-{'0' * 32}-{PARENT_ID}-01"), ("tracestate", "foo=1"))
+    assert_restarted(inbound, "invalid")
+    assert len(parent_of(inbound).trace_state) == 0
+
+
+# -- tracestate ---------------------------------------------------------------
+
+
+ALLOWED_KEY = "abcdefghijklmnopqrstuvwxyz0123456789_-*/"
+ALLOWED_VALUE = (
+    "".join(map(chr, range(0x20, 0x2C)))
+    + "".join(map(chr, range(0x2D, 0x3D)))
+    + "".join(map(chr, range(0x3E, 0x7F)))
+)
+MEMBERS_32 = [(f"bar{i:02d}", f"{i:02d}") for i in range(1, 33)]
+
+
+def members(items: list[tuple[str, str]]) -> str:
+    return ",".join(f"{k}={v}" for k, v in items)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        pytest.param(
+            ["foo=1,bar=2"], [("foo", "1"), ("bar", "2")], id="3.3.2.1 list kept in order"
+        ),
+        pytest.param([members(MEMBERS_32)], MEMBERS_32, id="3.3.2.1 32 members kept"),
+        pytest.param(
+            [members(MEMBERS_32[:10]), members(MEMBERS_32[10:20]), members(MEMBERS_32[20:])],
+            MEMBERS_32,
+            id="3.3.2 multiple headers combined in order",
+        ),
+        pytest.param(["", "foo=1"], [("foo", "1")], id="3.3.2 empty header then a member"),
+        pytest.param(["foo=1", ""], [("foo", "1")], id="3.3.2 a member then an empty header"),
+        pytest.param([""], [], id="3.3.2 empty header accepted"),
+        pytest.param([",foo=1,, ,bar=2,"], [("foo", "1"), ("bar", "2")], id="3.3.2 empty members"),
+        pytest.param(
+            ["foo=1 \t , \t bar=2, \t baz=3"],
+            [("foo", "1"), ("bar", "2"), ("baz", "3")],
+            id="3.3.2 OWS around members",
+        ),
+        pytest.param(["\t foo=1 \t"], [("foo", "1")], id="3.3.2 OWS around the header"),
+        pytest.param(["z" * 256 + "=1"], [("z" * 256, "1")], id="3.3.2.2.1 key of 256 chars"),
+        pytest.param(["tenant@system=1"], [("tenant@system", "1")], id="3.3.2.2.1 tenant@system"),
+        pytest.param(
+            ["t" * 241 + "@" + "v" * 14 + "=1"],
+            [("t" * 241 + "@" + "v" * 14, "1")],
+            id="3.3.2.2.1 longest tenant@system key",
+        ),
+        pytest.param(["0digits@sys=1"], [("0digits@sys", "1")], id="3.3.2.2.1 key starts a digit"),
+        pytest.param(
+            [f"{ALLOWED_KEY}={ALLOWED_VALUE}"],
+            [(ALLOWED_KEY, ALLOWED_VALUE)],
+            id="3.3.2.2 all allowed characters",
+        ),
+        pytest.param(["foo=  x  "], [("foo", "  x")], id="3.3.2.2.2 leading spaces kept"),
+        pytest.param(["foo=" + "v" * 256], [("foo", "v" * 256)], id="3.3.2.2.2 value of 256"),
+    ],
+)
+def test_valid_tracestate_is_kept(values: list[str], expected: list[tuple[str, str]]) -> None:
+    inbound = extract(("traceparent", VALID), *[("tracestate", v) for v in values])
+    assert inbound.source == "traceparent"
+    assert list(parent_of(inbound).trace_state.items()) == expected
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param([members([*MEMBERS_32, ("bar33", "33")])], id="3.3.2.1 33 members"),
+        pytest.param([members(MEMBERS_32), "bar33=33"], id="3.3.2.1 33 members over two headers"),
+        pytest.param(["foo=1", "z" * 257 + "=1"], id="3.3.2.2.1 key of 257 chars"),
+        pytest.param(["foo=1,FOO=1"], id="3.3.2.2.1 uppercase key"),
+        pytest.param(["foo =1"], id="3.3.2.2.1 space inside key"),
+        pytest.param(["foo.bar=1"], id="3.3.2.2.1 dot in key"),
+        pytest.param(["@foo=1,bar=2"], id="3.3.2.2.1 key starts with @"),
+        pytest.param(["foo=1,bar=2=3"], id="3.3.2.2.2 equals sign in value"),
+        pytest.param(["foo=,bar=3"], id="3.3.2.2.2 empty value"),
+        pytest.param(["foo=" + "v" * 257], id="3.3.2.2.2 value of 257 chars"),
+        pytest.param(["foo=a\tb"], id="3.3.2.2.2 tab inside value"),
+        pytest.param(["foo=caf\u00e9"], id="3.3.2.2.2 non-ascii value"),
+        pytest.param(["foo=1,foo=2"], id="3.3.3 duplicate key"),
+        pytest.param(["foo=1", "foo=1"], id="3.3.3 duplicate key over two headers"),
+        pytest.param(
+            ["foo=1", "a" * (context.MAX_TRACESTATE_HEADER_CHARS + 1)],
+            id="gateway size limit",
+        ),
+    ],
+)
+def test_invalid_tracestate_is_dropped_and_traceparent_still_used(values: list[str]) -> None:
+    # §3.3: failure to parse tracestate MUST NOT affect traceparent; §4.3:
+    # the vendor MAY discard the entire tracestate (OTel does).
+    inbound = extract(("traceparent", VALID), *[("tracestate", v) for v in values])
+    assert inbound.source == "traceparent"
+    assert f"{parent_of(inbound).trace_id:032x}" == TRACE_ID
+    assert len(parent_of(inbound).trace_state) == 0
+
+
+def test_tracestate_without_traceparent_is_discarded() -> None:
+    # §4.2 (W3C suite test_tracestate_included_traceparent_missing).
+    inbound = extract(("tracestate", "foo=1,bar=2"))
+    assert_restarted(inbound, "none")
+
+
+def test_long_tracestate_is_trimmed_on_extract() -> None:
+    # §3.3.3.1: the gateway propagates 512 characters, trimmed by whole entries.
+    state = [(f"k{i:02d}", "v" * 15) for i in range(32)]
+    traceparent = f"00-{TRACE_ID}-{PARENT_ID}-03"
+    inbound = extract(("traceparent", traceparent), ("tracestate", members(state)))
+    parent = parent_of(inbound)
+    # Trimming rebuilds the span context: nothing but the tracestate changes.
+    assert (f"{parent.trace_id:032x}", f"{parent.span_id:016x}") == (TRACE_ID, PARENT_ID)
+    assert (int(parent.trace_flags), parent.is_remote) == (0x03, True)
+    kept = parent.trace_state
+    assert header_len(kept) <= context.TRACESTATE_PROPAGATE_CHARS
+    assert list(kept.items()) == state[: len(kept)]
+    assert len(kept) == 25  # 25 members of 19 chars + 24 commas = 499; 26 would be 519
+
+
+# -- trim_tracestate ------------------------------------------------------------
+
+
+def test_trim_returns_the_same_object_when_it_fits() -> None:
+    state = TraceState([("foo", "1"), ("bar", "2")])
+    assert context.trim_tracestate(state) is state
+    empty = TraceState()
+    assert context.trim_tracestate(empty) is empty
+
+
+def test_trim_boundary_is_512_characters() -> None:
+    fits = TraceState([("a", "x" * 126), ("b", "x" * 126), ("c", "x" * 126), ("d", "x" * 123)])
+    assert header_len(fits) == context.TRACESTATE_PROPAGATE_CHARS == 512
+    assert context.trim_tracestate(fits) is fits
+    over = TraceState([*list(fits.items())[:3], ("d", "x" * 124)])
+    assert header_len(over) == 513
+    assert [k for k, _ in context.trim_tracestate(over).items()] == ["a", "b", "c"]
+
+
+def test_trim_drops_members_longer_than_128_first() -> None:
+    # §3.3.3.1: entries larger than 128 characters SHOULD be removed first.
+    state = TraceState(
+        [("short1", "1"), ("long1", "x" * 200), ("edge", "x" * 123), ("long2", "y" * 250)]
+    )
+    assert len("edge=" + "x" * 123) == context.TRACESTATE_LONG_MEMBER_CHARS
+    trimmed = context.trim_tracestate(state)
+    assert list(trimmed.items()) == [("short1", "1"), ("edge", "x" * 123)]
+
+
+def test_trim_then_drops_members_from_the_end() -> None:
+    # §3.3.3.1: then entries SHOULD be removed starting from the end.
+    state = TraceState([(f"k{i:02d}", "v" * 100) for i in range(6)])  # 6 × 104 + 5 = 629
+    trimmed = context.trim_tracestate(state)
+    assert [k for k, _ in trimmed.items()] == ["k00", "k01", "k02", "k03"]
+    assert header_len(trimmed) == 4 * 104 + 3
+
+
+def test_trim_drops_long_members_before_any_from_the_end() -> None:
+    state = TraceState([("first", "x" * 300), *[(f"k{i}", "v" * 50) for i in range(6)]])
+    trimmed = context.trim_tracestate(state)
+    assert [k for k, _ in trimmed.items()] == [f"k{i}" for i in range(6)]
+
+
+def test_trim_honours_a_custom_limit() -> None:
+    state = TraceState([("a", "1"), ("b", "2"), ("c", "3")])
+    assert list(context.trim_tracestate(state, limit=7).items()) == [("a", "1"), ("b", "2")]
+    assert context.trim_tracestate(state, limit=11) is state
+
+
+# -- trust modes ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pairs", "source", "trace_id", "span_id"),
+    [
+        ([("traceparent", VALID), ("tracestate", "foo=1")], "traceparent", TRACE_ID, PARENT_ID),
+        ([("b3", B3_SINGLE)], "b3", B3_TRACE_ID, B3_SPAN_ID),
+    ],
+    ids=["traceparent", "b3"],
+)
+def test_link_mode_starts_a_new_trace_linked_to_the_inbound_one(
+    pairs: list[tuple[str, str]], source: str, trace_id: str, span_id: str
+) -> None:
+    inbound = extract(*pairs, mode="link")
+    assert inbound.source == source
+    assert not parent_of(inbound).is_valid
+    assert inbound.parent == Context()
+    (link,) = inbound.links
+    assert f"{link.context.trace_id:032x}" == trace_id
+    assert f"{link.context.span_id:016x}" == span_id
+    assert link.context.is_remote
+
+
+def test_link_mode_with_an_invalid_traceparent_has_no_link() -> None:
+    assert_restarted(extract(("traceparent", "garbage"), mode="link"), "invalid")
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("traceparent", VALID), ("tracestate", "foo=1")],
+        [("b3", B3_SINGLE)],
+        [("traceparent", "garbage")],
+        [],
+    ],
+    ids=["traceparent", "b3", "invalid", "nothing"],
+)
+def test_restart_mode_ignores_everything(pairs: list[tuple[str, str]]) -> None:
+    assert_restarted(extract(*pairs, mode="restart"), "none")
+
+
+def test_no_trace_headers_is_none() -> None:
+    assert_restarted(extract(("accept", "*/*")), "none")
+
+
+# -- B3 (only without traceparent) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pairs", "source", "sampled"),
+    [
+        ([("b3", B3_SINGLE)], "b3", True),
+        # The sampled flag decides nothing here (DESIGN §5): still a parent.
+        ([("b3", f"{B3_TRACE_ID}-{B3_SPAN_ID}-0")], "b3", False),
+        (
+            [("x-b3-traceid", B3_TRACE_ID), ("x-b3-spanid", B3_SPAN_ID), ("x-b3-sampled", "1")],
+            "b3multi",
+            True,
+        ),
+        (
+            [("X-B3-TraceId", B3_TRACE_ID), ("X-B3-SpanId", B3_SPAN_ID), ("X-B3-Sampled", "0")],
+            "b3multi",
+            False,
+        ),
+    ],
+    ids=["single", "single not sampled", "multi", "multi not sampled, mixed case"],
+)
+def test_b3_is_used_when_there_is_no_traceparent(
+    pairs: list[tuple[str, str]], source: str, sampled: bool
+) -> None:
+    inbound = extract(*pairs)
+    parent = parent_of(inbound)
+    assert inbound.source == source
+    assert parent.is_remote
+    assert f"{parent.trace_id:032x}" == B3_TRACE_ID
+    assert f"{parent.span_id:016x}" == B3_SPAN_ID
+    assert parent.trace_flags.sampled is sampled
+
+
+def test_traceparent_wins_over_b3() -> None:
+    inbound = extract(
+        ("b3", B3_SINGLE),
+        ("x-b3-traceid", B3_TRACE_ID),
+        ("x-b3-spanid", B3_SPAN_ID),
+        ("traceparent", VALID),
+    )
+    assert inbound.source == "traceparent"
+    assert f"{parent_of(inbound).trace_id:032x}" == TRACE_ID
+
+
+def test_b3_single_wins_over_b3_multi() -> None:
+    other = "a" * 32
+    inbound = extract(("x-b3-traceid", other), ("x-b3-spanid", "b" * 16), ("b3", B3_SINGLE))
+    assert inbound.source == "b3"
+    assert f"{parent_of(inbound).trace_id:032x}" == B3_TRACE_ID
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("b3", B3_SINGLE), ("b3", B3_SINGLE)],
+        [("b3", B3_SINGLE + "-" + "0" * context.MAX_B3_CHARS)],
+        [("b3", "not-a-b3-header")],
+        [("b3", f"{'0' * 32}-{B3_SPAN_ID}-1")],
+        [("x-b3-traceid", "zz"), ("x-b3-spanid", B3_SPAN_ID)],
+        [("x-b3-traceid", B3_TRACE_ID), ("x-b3-spanid", "1" * (context.MAX_B3_CHARS + 1))],
+    ],
+    ids=[
+        "b3 duplicated",
+        "b3 oversized",
+        "b3 malformed",
+        "b3 zero trace id",
+        "b3multi malformed",
+        "b3multi oversized",
+    ],
+)
+def test_bad_b3_restarts_the_trace(pairs: list[tuple[str, str]]) -> None:
+    assert_restarted(extract(*pairs), "invalid")
+
+
+# -- inject / format_traceparent ----------------------------------------------------
+
+
+def span_context(flags: int = 0x01, state: TraceState | None = None) -> SpanContext:
+    return SpanContext(
+        int(TRACE_ID, 16),
+        int(PARENT_ID, 16),
+        is_remote=False,
+        trace_flags=TraceFlags(flags),
+        trace_state=state,
+    )
+
+
+def test_inject_writes_exactly_one_fresh_context() -> None:
+    out: CIMultiDict[str] = CIMultiDict(
+        [("TraceParent", "00-stale"), ("traceparent", "00-stale-too"), ("accept", "*/*")]
+    )
+    context.inject(out, span_context(0x03, TraceState([("foo", "1"), ("bar", "2")])))
+    assert out.getall("traceparent") == [f"00-{TRACE_ID}-{PARENT_ID}-03"]
+    assert out.getall("tracestate") == ["foo=1,bar=2"]
+    assert out["accept"] == "*/*"
+
+
+def test_inject_writes_no_tracestate_when_it_is_empty() -> None:
+    out: CIMultiDict[str] = CIMultiDict()
+    context.inject(out, span_context(0x00))
+    assert out.getall("traceparent") == [f"00-{TRACE_ID}-{PARENT_ID}-00"]
+    assert "tracestate" not in out
+
+
+def test_inject_then_extract_round_trips() -> None:
+    sent = span_context(0x02, TraceState([("congo", "t61rcWkgMzE")]))
+    out: CIMultiDict[str] = CIMultiDict()
+    context.inject(out, sent)
+    got = parent_of(context.extract(CIMultiDictProxy(out), "continue"))
+    assert (got.trace_id, got.span_id, got.trace_flags) == (
+        sent.trace_id,
+        sent.span_id,
+        sent.trace_flags,
+    )
+    assert list(got.trace_state.items()) == [("congo", "t61rcWkgMzE")]
+
+
+@pytest.mark.parametrize(
+    ("trace_id", "span_id", "flags", "expected"),
+    [
+        (1, 1, 0, f"00-{'0' * 31}1-{'0' * 15}1-00"),
+        (int(TRACE_ID, 16), int(PARENT_ID, 16), 0x03, f"00-{TRACE_ID}-{PARENT_ID}-03"),
+        (2**128 - 1, 2**64 - 1, 0x01, f"00-{'f' * 32}-{'f' * 16}-01"),
+    ],
+    ids=["zero padded", "random and sampled", "lowercase hex"],
+)
+def test_format_traceparent(trace_id: int, span_id: int, flags: int, expected: str) -> None:
+    # §3.2.2: lowercase hex (HEXDIGLC), fixed widths, version 00.
+    ctx = SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(flags))
+    assert context.format_traceparent(ctx) == expected
+
+
+def test_propagation_headers_are_the_ones_the_gateway_replaces() -> None:
+    assert {
+        "traceparent",
+        "tracestate",
+        "b3",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+    } == context.PROPAGATION_HEADERS
+
+
+def test_limits_leave_room_for_every_valid_header() -> None:
+    # 32 members of a 256-char key, "=", a 256-char value, and 31 commas
+    # (§3.3.2.1, §3.3.2.2): nothing valid may be refused for size alone.
+    assert context.MAX_TRACESTATE_HEADER_CHARS >= 32 * (256 + 1 + 256) + 31
+    assert context.MAX_TRACEPARENT_CHARS >= 55

@@ -1,0 +1,480 @@
+"""Pure latency maths (gateway/timing.py) on synthetic times: exact, no clocks."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway import timing
+from gateway.timing import (
+    TOKEN_MAX_AGE_MS,
+    RateLimiter,
+    Verdict,
+    best_sample,
+    clock_sample,
+    evaluate,
+    make_token,
+    verify_token,
+)
+
+KEY = b"k" * 32
+OTHER_KEY = b"o" * 32
+T = 1_764_000_000_000.0  # an epoch time in ms
+STATUSES = {"ok", "absent", "invalid", "unsynced", "implausible", "rate_limited"}
+
+
+def token(
+    t2: float,
+    t1: float | None = None,
+    ts: float | None = None,
+    u: float | None = None,
+    e: float | None = None,
+    key: bytes = KEY,
+) -> str:
+    return make_token(key, t2_ms=t2, t1_ms=t1, ts_ms=ts, uplink_ms=u, error_ms=e, nonce=b"\x00" * 8)
+
+
+def clock(off: float, d: float = 2.0, age: float = 1000.0, tok: str | None = None) -> str:
+    value = f"off={off:.3f}, d={d:.3f}, age={age:.3f}"
+    return value + (f', tok="{tok}"' if tok is not None else "")
+
+
+def judge(
+    t1: float, ts: float, clock_header: str | None = None, prev: str | None = None
+) -> Verdict:
+    return evaluate(
+        t1_ms=t1,
+        timestamp=[f"{ts:.3f}" if isinstance(ts, float) else str(ts)],
+        clock=[clock_header] if clock_header is not None else [],
+        prev=[prev] if prev is not None else [],
+        key=KEY,
+    )
+
+
+# -- NTP maths --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "skew_ms", [-86_400_000.0, -3_600_000.0, -3_000.0, 0.0, 5_000.0, 3_600_000.0, 86_400_000.0]
+)
+@pytest.mark.parametrize(("up_ms", "down_ms"), [(25.0, 25.0), (5.0, 5.0), (40.0, 10.0)])
+def test_offset_and_delay_from_four_timestamps(
+    skew_ms: float, up_ms: float, down_ms: float
+) -> None:
+    # The client clock reads server time − offset; offset = server − client.
+    offset = -skew_ms
+    true_send = T
+    t0 = true_send - offset
+    t1 = true_send + up_ms
+    t2 = t1 + 3.0  # the server's own time is not part of the delay
+    t3 = (t2 + down_ms) - offset
+    sample = clock_sample(t0, t1, t2, t3)
+    assert sample.delay_ms == pytest.approx(up_ms + down_ms)
+    # Exact on a symmetric path; off by half the asymmetry otherwise
+    # (RFC 5905 §8: no two-way exchange can tell uplink from downlink).
+    assert sample.offset_ms == pytest.approx(offset + (up_ms - down_ms) / 2)
+
+
+def test_best_sample_is_the_least_delayed_of_the_last_eight() -> None:
+    samples = [
+        timing.ClockSample(offset_ms=i, delay_ms=d, taken_at_ms=i)
+        for i, d in enumerate([1.0, 9, 8, 7, 6, 5, 4, 3, 2.5])
+    ]
+    best = best_sample(samples)
+    assert best is not None
+    # The 1 ms sample is the ninth from the end: out of the window.
+    assert best.delay_ms == 2.5
+    assert best_sample([]) is None
+
+
+# -- tokens ----------------------------------------------------------------------
+
+
+def test_token_round_trip_and_rounding() -> None:
+    tok = token(T + 10.9, t1=T + 5.5, ts=T - 20.4, u=24.6, e=2.1)
+    parsed, reason = verify_token(KEY, tok, T + 100)
+    assert reason == ""
+    assert parsed == timing.Token(
+        t2_ms=int(T + 10),  # down: only loosens t1 − T2
+        t1_ms=int(T + 6),  # nearest
+        ts_ms=int(T - 20),  # nearest
+        uplink_ms=25,  # nearest
+        error_ms=3,  # up
+    )
+    assert len(tok.split(".")) == 7
+
+
+def test_token_unknown_fields_are_dashes() -> None:
+    tok = token(T)
+    assert tok.split(".")[1:5] == ["-", "-", "-", "-"]
+    parsed, _ = verify_token(KEY, tok, T)
+    assert parsed is not None
+    assert parsed.t1_ms is None
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"), "token_invalid"),
+        (lambda t: str(int(t.split(".")[0]) + 1) + t[t.index(".") :], "token_invalid"),
+        (lambda t: token(T, key=OTHER_KEY), "token_invalid"),
+        (lambda t: "not-a-token", "token_invalid"),
+        (lambda t: "1.2.3", "token_invalid"),
+        (lambda t: t.replace(".", "..", 1), "token_invalid"),
+    ],
+    ids=["forged mac", "altered T2", "another key", "garbage", "too few fields", "empty field"],
+)
+def test_token_forgeries_are_rejected(mutate: object, reason: str) -> None:
+    good = token(T)
+    bad = mutate(good)  # type: ignore[operator]
+    parsed, why = verify_token(KEY, bad, T + 1)
+    assert parsed is None
+    assert why == reason
+
+
+def test_token_window() -> None:
+    tok = token(T)
+    assert verify_token(KEY, tok, T)[1] == ""
+    assert verify_token(KEY, tok, T + TOKEN_MAX_AGE_MS)[1] == ""
+    assert verify_token(KEY, tok, T + TOKEN_MAX_AGE_MS + 1) == (None, "token_expired")
+    assert verify_token(KEY, tok, T - 1) == (None, "token_future")
+
+
+def test_replayed_token_only_loosens_the_bound() -> None:
+    old = token(T - 60_000)
+    fresh = token(T - 1_000)
+    t1, ts = T + 25, T  # an honest 25 ms uplink, synced clock
+    with_old = judge(t1, ts, clock(0.0, tok=old))
+    with_fresh = judge(t1, ts, clock(0.0, tok=fresh))
+    assert with_old.status == with_fresh.status == "ok"
+    assert with_old.upper_bound_ms is not None
+    assert with_fresh.upper_bound_ms is not None
+    assert with_old.upper_bound_ms > with_fresh.upper_bound_ms
+
+
+# -- verdicts: every status and reason ----------------------------------------------
+
+SKEW = 3_600_000.0  # client clock one hour behind: off = +1 h
+
+
+@pytest.mark.parametrize(
+    ("ts", "clock_header", "prev", "status", "reason"),
+    [
+        # ok: estimate = t1 − (ts + off) = 25 ms
+        (T - SKEW - 25, clock(SKEW, tok=token(T - 500)), None, "ok", "bounded"),
+        (T - SKEW - 25, clock(SKEW), None, "ok", "token_missing"),
+        (
+            T - SKEW - 25,
+            clock(SKEW, tok=token(T - 500, key=OTHER_KEY)),
+            None,
+            "ok",
+            "token_invalid",
+        ),
+        (
+            T - SKEW - 25,
+            clock(SKEW, tok=token(T - TOKEN_MAX_AGE_MS - 5)),
+            None,
+            "ok",
+            "token_expired",
+        ),
+        (T - SKEW - 25, clock(SKEW, tok=token(T + 5_000)), None, "ok", "token_future"),
+        # implausible
+        (T - SKEW + 500, clock(SKEW), None, "implausible", "negative_uplink"),
+        (T - SKEW - 900, clock(SKEW, tok=token(T - 100)), None, "implausible", "before_token"),
+        (T - SKEW - 90_000, clock(SKEW), None, "implausible", "uplink_too_long"),
+        # unsynced (hypothesis B: the timestamp alone)
+        (T - 30, None, None, "unsynced", "no_clock_sync"),
+        (T - SKEW, None, None, "unsynced", "clock_offset"),
+        (T + 5_000, None, None, "unsynced", "clock_offset"),
+        # invalid
+        ("abc", None, None, "invalid", "timestamp_syntax"),
+        ("1.7e12", None, None, "invalid", "timestamp_syntax"),
+        ("-1700000000000", None, None, "invalid", "timestamp_syntax"),
+        ("NaN", None, None, "invalid", "timestamp_syntax"),
+        ("inf", None, None, "invalid", "timestamp_syntax"),
+        ("1764000000000.1234", None, None, "invalid", "timestamp_syntax"),
+        ("17640000000000", None, None, "invalid", "timestamp_syntax"),  # 14 digits
+        ("1" * 600, None, None, "invalid", "timestamp_too_large"),
+        (T - 25 * 3_600_000, None, None, "invalid", "timestamp_range"),
+        (T - 25, "off=1, d=2", None, "invalid", "clock_syntax"),  # no age
+        (T - 25, "off=abc, d=2, age=1", None, "invalid", "clock_syntax"),
+        (T - 25, "off=1, d=2, age=1, bare", None, "invalid", "clock_syntax"),
+        (T - 25, "off=1, d=2, age=1, tok=unquoted", None, "invalid", "clock_syntax"),
+        (T - 25, 'off=1, d=2, age=1, tok="a b"', None, "invalid", "clock_syntax"),
+        (T - 25, "off=1, d=-2, age=1", None, "invalid", "clock_range"),
+        (T - 25, "off=1, d=2, age=1" + ", x=1" * 200, None, "invalid", "clock_too_large"),
+        (T - 25, None, "span=zz, rtt=5", "invalid", "prev_syntax"),
+        (T - 25, None, "span=00f067aa0ba902b7", "invalid", "prev_syntax"),  # no rtt
+        (T - 25, None, "rtt=-1", "invalid", "prev_range"),
+    ],
+)
+def test_each_verdict_and_reason(
+    ts: float | str, clock_header: str | None, prev: str | None, status: str, reason: str
+) -> None:
+    verdict = judge(T, ts, clock_header, prev)  # type: ignore[arg-type]
+    assert (verdict.status, verdict.reason) == (status, reason)
+
+
+def test_absent_when_no_timestamp() -> None:
+    verdict = evaluate(t1_ms=T, timestamp=[], clock=["off=1, d=1, age=1"], prev=[], key=KEY)
+    assert (verdict.status, verdict.reason) == ("absent", "no_timestamp")
+
+
+def test_ok_verdict_carries_estimate_error_and_bound() -> None:
+    tok = token(T - 500)
+    verdict = judge(
+        T,
+        T - SKEW - 25,
+        clock(SKEW, d=4.0, age=10_000.0, tok=tok),
+        "span=00f067aa0ba902b7, rtt=51.5, pre=3",
+    )
+    assert verdict.status == "ok"
+    assert verdict.trust == "server_bounded"
+    assert verdict.uplink_ms == pytest.approx(25.0)
+    assert verdict.uplink_error_ms == pytest.approx(4.0 / 2 + 50e-6 * 10_000 + 1.0)
+    assert verdict.upper_bound_ms == pytest.approx(500.0)
+    assert verdict.rtt_ms == 51.5
+    assert verdict.pre_request_ms == 3.0
+    assert verdict.offset_bucket == ">=1h"
+
+
+def test_unsynced_raw_is_the_uplink_only_in_range() -> None:
+    near = judge(T, T - 30)
+    assert near.uplink_ms == pytest.approx(30.0)
+    assert near.trust == "client_only"
+    far = judge(T, T - 3 * 3_600_000)
+    assert far.uplink_ms is None
+    assert far.offset_bucket == ">=1h"
+
+
+def test_token_interval_never_exceeds_the_physical_bound() -> None:
+    # An honest estimate: 25 ± 3 ms, within [0, ub = 500].
+    ok = judge(T, T - SKEW - 25, clock(SKEW, d=4.0, age=0.0, tok=token(T - 500)))
+    assert ok.token_fields() == pytest.approx((25.0, 3.0))
+    # A claim of a 900 ms uplink with a token that proves at most 100 ms: the
+    # next drift check gets the physical interval [0, 100], not the claim.
+    liar = judge(T, T - SKEW - 900, clock(SKEW, tok=token(T - 100)))
+    assert liar.status == "implausible"
+    assert liar.token_fields() == pytest.approx((50.0, 50.0))
+    # No estimate at all (hypothesis B): nothing to carry.
+    assert judge(T, T - 30).token_fields() == (None, None)
+
+
+def test_tolerant_of_spacing_order_and_repeats() -> None:
+    # RFC 8941 §4.2.2: OWS around members, any order; a repeated key keeps
+    # the last value; several fields are one list (RFC 9110 §5.3).
+    verdict = evaluate(
+        t1_ms=T,
+        timestamp=[f"  {T - SKEW - 25:.3f} "],
+        clock=["age=1000 ,\toff=999", f"d=2,off={SKEW}"],
+        prev=[],
+        key=KEY,
+    )
+    assert verdict.status == "ok"
+    assert verdict.uplink_ms == pytest.approx(25.0)
+
+
+@pytest.mark.parametrize(
+    ("offset", "bucket"),
+    [
+        (0.0, "<1s"),
+        (-999.0, "<1s"),
+        (1_000.0, "<1m"),
+        (59_999.0, "<1m"),
+        (60_000.0, "<1h"),
+        (-3_599_999.0, "<1h"),
+        (3_600_000.0, ">=1h"),
+    ],
+)
+def test_offset_buckets(offset: float, bucket: str) -> None:
+    assert timing.offset_bucket(offset) == bucket
+
+
+# -- the drift rule on request sequences ---------------------------------------------
+
+
+@dataclass
+class Client:
+    """A simulated snippet: a clock C(t) = rate·t + skew (+ jumps) in true
+    time t, which the server clock reads exactly. It syncs once (a perfect
+    offset at start), then sends requests with the token of the latest
+    response it holds."""
+
+    skew_ms: float = -SKEW
+    rate: float = 1.0
+    frozen_at: float | None = None
+    jumps: list[tuple[float, float]] = field(default_factory=list)
+    offset_lie_ms: float = 0.0
+    tok: str | None = None
+    off: float | None = None
+    delay: float = 2.0
+    sampled_at: float = T
+
+    def now(self, t: float) -> float:
+        if self.frozen_at is not None and t > self.frozen_at:
+            t = self.frozen_at
+        c = T + (t - T) * self.rate + self.skew_ms
+        return c + sum(delta for at, delta in self.jumps if t >= at)
+
+    def sync(self, t: float) -> None:
+        self.off = t - self.now(t)
+        self.sampled_at = self.now(t)
+
+    def request(
+        self, send_t: float, up: float, down: float = 20.0, adjust_offset: bool = False
+    ) -> tuple[Verdict, float]:
+        """Send at true time send_t; returns (verdict, true arrival time of
+        the response at the client)."""
+        assert self.off is not None
+        ts = self.now(send_t)
+        off = self.off
+        if adjust_offset:
+            # A liar who knows its clock runs fast and keeps the estimate
+            # looking like a 25 ms uplink by adjusting its offset claim.
+            off = (send_t + up) - ts - 25.0
+        t1 = send_t + up
+        verdict = evaluate(
+            t1_ms=t1,
+            timestamp=[f"{ts:.3f}"],
+            clock=[clock(off, d=self.delay, age=max(ts - self.sampled_at, 0.0), tok=self.tok)],
+            prev=[],
+            key=KEY,
+        )
+        t2 = t1 + 2.0
+        u, e = verdict.token_fields()
+        self.tok = make_token(
+            KEY, t2_ms=t2, t1_ms=t1, ts_ms=ts, uplink_ms=u, error_ms=e, nonce=b"\x01" * 8
+        )
+        arrived = t2 + down
+        # Like the snippet, every response is also a clock sample.
+        sample = clock_sample(ts, t1, t2, self.now(arrived))
+        if sample.delay_ms >= 0:
+            self.off, self.delay, self.sampled_at = sample.offset_ms, sample.delay_ms, ts
+        return verdict, arrived
+
+
+def _run(
+    client: Client, gaps_ms: list[float], ups_ms: list[float], adjust_offset: bool = False
+) -> list[Verdict]:
+    t = T
+    client.sync(t)
+    verdicts = []
+    for gap, up in zip(gaps_ms, ups_ms, strict=True):
+        verdict, arrived = client.request(t + gap, up, adjust_offset=adjust_offset)
+        verdicts.append(verdict)
+        t = arrived
+    return verdicts
+
+
+def test_honest_client_with_jitter_is_never_flagged() -> None:
+    rng = random.Random(7)
+    gaps = [rng.uniform(0, 3_000) for _ in range(200)]
+    # Jitter, a TLS handshake or preflight on some requests (+80 ms), queueing.
+    ups = [rng.uniform(5, 60) + (80 if rng.random() < 0.1 else 0) for _ in range(200)]
+    verdicts = _run(Client(), gaps, ups)
+    assert {v.status for v in verdicts} == {"ok"}
+    assert all(v.trust == "server_bounded" for v in verdicts[1:])
+
+
+def test_clock_disciplined_by_ntp_is_not_flagged() -> None:
+    # 500 ppm is the most ntpd ever slews a clock.
+    verdicts = _run(Client(rate=1.0005), [10_000.0] * 30, [25.0] * 30)
+    assert {v.status for v in verdicts} == {"ok"}
+
+
+def test_concurrent_requests_sharing_a_token_are_not_flagged() -> None:
+    client = Client()
+    client.sync(T)
+    first, arrived = client.request(T, 25.0)
+    assert first.status == "ok"
+    # Three requests sent at once with the same token, arriving in any order.
+    verdicts = [client_copy_request(client, arrived + 1, up) for up in (40.0, 15.0, 90.0)]
+    assert {v.status for v in verdicts} == {"ok"}
+
+
+def client_copy_request(client: Client, send_t: float, up: float) -> Verdict:
+    copy = Client(skew_ms=client.skew_ms, tok=client.tok, off=client.off)
+    return copy.request(send_t, up)[0]
+
+
+def test_frozen_clock_is_caught() -> None:
+    verdicts = _run(Client(frozen_at=T), [0.0, 2_000.0, 2_000.0], [25.0] * 3)
+    assert verdicts[0].status == "ok"
+    # Its elapsed time (0) is below what the previous exchange alone took.
+    assert verdicts[1].reason == "clock_rate"
+    assert {v.status for v in verdicts[1:]} == {"implausible"}
+
+
+def test_five_percent_fast_clock_is_caught() -> None:
+    verdicts = _run(Client(rate=1.05), [0.0, 10_000.0, 10_000.0], [25.0] * 3)
+    assert verdicts[0].status == "ok"
+    # 5 % of 10 s is 500 ms: far outside the 11 ms allowance. Once caught, the
+    # client's offset estimate is off too: every later request is implausible.
+    assert verdicts[1].reason == "clock_rate"
+    assert {v.status for v in verdicts[1:]} == {"implausible"}
+
+
+def test_ten_percent_fast_clock_hiding_behind_its_offset_claim_is_caught() -> None:
+    verdicts = _run(Client(rate=1.10), [0.0, 10_000.0, 10_000.0], [25.0] * 3, adjust_offset=True)
+    # The adjusted offset makes every estimate look like 25 ms…
+    assert verdicts[0].status == "ok"
+    # …but the token's authenticated times expose the clock's rate.
+    assert [v.reason for v in verdicts[1:]] == ["clock_rate", "clock_rate"]
+
+
+@pytest.mark.parametrize("jump_ms", [5_000.0, -5_000.0])
+def test_clock_jumps_are_caught(jump_ms: float) -> None:
+    client = Client(jumps=[(T + 1_000, jump_ms)])
+    verdicts = _run(client, [0.0, 2_000.0], [25.0, 25.0], adjust_offset=True)
+    assert verdicts[0].status == "ok"
+    assert verdicts[1].reason == "clock_rate"
+
+
+# -- rate limit -------------------------------------------------------------------
+
+
+def test_rate_limiter_token_bucket() -> None:
+    limiter = RateLimiter(per_s=20, burst=100)
+    assert all(limiter.allow("a", 0.0) for _ in range(100))
+    assert not limiter.allow("a", 0.0)
+    assert limiter.allow("b", 0.0)  # per client
+    assert limiter.allow("a", 0.05)  # one token refilled after 50 ms
+    assert not limiter.allow("a", 0.05)
+
+
+def test_rate_limiter_memory_is_capped() -> None:
+    limiter = RateLimiter(per_s=1, burst=1, max_clients=100)
+    for i in range(10_000):
+        limiter.allow(f"10.0.{i // 256}.{i % 256}", float(i))
+    assert len(limiter) == 100
+
+
+# -- property: any header values, a verdict and never an exception ------------------
+
+_text = st.one_of(
+    st.text(max_size=600),
+    st.binary(max_size=600).map(lambda b: b.decode("latin-1")),
+    st.sampled_from(["NaN", "inf", "-inf", "1e400", "-0", "0x10", "١٢٣", "1_000", ""]),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(min_value=-(10**30), max_value=10**30).map(str),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    stamp=st.lists(_text, max_size=3),
+    clock_values=st.lists(_text, max_size=3),
+    prev=st.lists(_text, max_size=3),
+    t1=st.floats(min_value=0, max_value=4e12),
+)
+def test_any_header_values_give_one_of_six_verdicts(
+    stamp: list[str], clock_values: list[str], prev: list[str], t1: float
+) -> None:
+    verdict = evaluate(t1_ms=t1, timestamp=stamp, clock=clock_values, prev=prev, key=KEY)
+    assert verdict.status in STATUSES
+    if verdict.uplink_ms is not None:
+        assert 0 <= verdict.uplink_ms <= timing.MAX_UPLINK_MS + 1_000
