@@ -7,10 +7,11 @@ then B3 single and multi); this module adds the gateway's policy (DESIGN §5):
 
 * size limits before any parser sees a header;
 * at most one inbound context, chosen in a fixed order;
-* a duplicated ``traceparent`` is invalid (W3C Trace Context Level 2, §3.2:
-  a vendor that receives more than one ``traceparent`` cannot tell which is
-  right, and must restart the trace);
-* ``tracestate`` kept in ``continue`` mode only, trimmed as W3C §3.3.1.5 says;
+* a duplicated ``traceparent`` is invalid: two field lines combine into one
+  value that no longer parses (RFC 9110 §5.3), so the trace restarts (the W3C
+  suite's ``test_traceparent_duplicated``);
+* ``tracestate`` kept in ``continue`` mode only, trimmed as W3C Trace
+  Context Level 2 §3.3.3.1 (tracestate limits) says;
 * the inbound ``sampled`` flag decides nothing on its own: the gateway's
   sampler does (``always_on`` unless ``OTEL_TRACES_SAMPLER`` says otherwise).
 
@@ -55,9 +56,9 @@ PROPAGATION_HEADERS: Final = frozenset(
 #: but no parser ever sees a header larger than this.
 MAX_TRACEPARENT_CHARS: Final = 512
 #: tracestate: 32 members of at most 256 + 1 + 256 characters plus commas
-#: (W3C §3.3.1.1–§3.3.1.3). Anything larger cannot be a valid list.
+#: (W3C Level 2 §3.3.2.1–§3.3.2.2). Anything larger cannot be a valid list.
 MAX_TRACESTATE_HEADER_CHARS: Final = 32 * (256 + 1 + 256) + 31
-#: W3C §3.3.1.5: vendors SHOULD propagate at least 512 characters of a
+#: W3C Level 2 §3.3.3.1: vendors SHOULD propagate at least 512 characters of a
 #: combined tracestate; when truncating, first drop members longer than 128
 #: characters, then drop members from the end.
 TRACESTATE_PROPAGATE_CHARS: Final = 512
@@ -125,13 +126,13 @@ def _parse(headers: CIMultiDictProxy[str]) -> tuple[SpanContext | None, str]:
     traceparents = headers.getall("traceparent", ())
     if traceparents:
         if len(traceparents) > 1 or len(traceparents[0]) > MAX_TRACEPARENT_CHARS:
-            # W3C §3.2: more than one traceparent → invalid → restart the trace;
+            # RFC 9110 §5.3: two traceparent lines make one invalid value → restart;
             # an oversized one is refused before the parser sees it.
             return None, "invalid"
         carrier = headers
         tracestate = ",".join(headers.getall("tracestate", ()))
         if len(tracestate) > MAX_TRACESTATE_HEADER_CHARS:
-            # Cannot be a valid list: drop tracestate, keep traceparent (W3C §3.3.1.1).
+            # Cannot be a valid list: drop tracestate, keep traceparent (W3C Level 2 §3.3).
             carrier = CIMultiDictProxy(CIMultiDict(traceparent=traceparents[0]))
         span_context = _span_context(_W3C.extract(carrier, getter=_GETTER))
         if span_context is None:
@@ -174,10 +175,10 @@ def _with_trimmed_tracestate(span_context: SpanContext) -> SpanContext:
 
 
 def trim_tracestate(state: TraceState, limit: int = TRACESTATE_PROPAGATE_CHARS) -> TraceState:
-    """Truncate a tracestate to ``limit`` characters as W3C §3.3.1.5 says.
+    """Truncate a tracestate to ``limit`` characters as W3C Level 2 §3.3.3.1 says.
 
     Members longer than 128 characters go first; then members from the end
-    (the right-most are the oldest, W3C §3.3.1.3). The input is returned
+    (the right-most are the oldest, W3C Level 2 §3.3.2.1). The input is returned
     unchanged when it already fits.
     """
     items = list(state.items())
