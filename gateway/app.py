@@ -17,9 +17,7 @@ at INFO per request; bodies are never buffered.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Final
@@ -27,7 +25,6 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import (
     Span,
     SpanKind,
@@ -45,11 +42,10 @@ from yarl import URL
 from gateway import __version__, context, measure, proxy, timing
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
+from gateway.http import json_error, ms
+from gateway.reserved import Reserved
 
 log = logging.getLogger("gateway")
-
-#: How long one upstream reachability probe answers /__gateway/health.
-HEALTH_CACHE_S: Final = 1.0
 
 #: Reserved prefix, never forwarded (DESIGN §4).
 RESERVED_PREFIX: Final = "/__gateway/"
@@ -64,10 +60,6 @@ KNOWN_METHODS: Final = frozenset(
 #: aiohttp's application keys.
 CONFIG_KEY: Final = web.AppKey("config", GatewayConfig)
 SESSION_KEY: Final = web.AppKey("session", aiohttp.ClientSession)
-TRACER_KEY: Final = web.AppKey("tracer", Tracer)
-PROVIDER_KEY: Final = web.AppKey("provider", ApiTracerProvider)
-
-_JSON: Final = "application/json"
 
 
 class _ProxyResponse(web.StreamResponse):
@@ -94,17 +86,6 @@ class _ProxyResponse(web.StreamResponse):
             self._headers.popall("Server", None)
 
 
-def _ms(ns: int) -> float:
-    return round(ns / 1e6, 3)
-
-
-def _json_error(status: int, message: str, trace_id: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if trace_id is not None:
-        body["trace_id"] = trace_id
-    return web.Response(status=status, text=json.dumps(body), content_type=_JSON)
-
-
 class Gateway:
     """Per-process gateway state: configuration, tracer, upstream session."""
 
@@ -116,7 +97,6 @@ class Gateway:
         self.cors = Cors(config.allowed_origins)
         self.measurement = measure.Measurement(config)
         self.session: aiohttp.ClientSession | None = None
-        self._health: tuple[float, dict[str, Any]] | None = None
         self._server_port = self.upstream.port
         self._timeout = aiohttp.ClientTimeout(
             total=None,
@@ -150,72 +130,6 @@ class Gateway:
         finally:
             await self.session.close()
 
-    # -- reserved routes -------------------------------------------------
-
-    async def health(self, request: web.Request) -> web.Response:
-        """Upstream reachability (a TCP connect, no request), exporter queue, version."""
-        upstream = await self._upstream_health()
-        body = {
-            "status": "ok" if upstream["reachable"] else "degraded",
-            "version": __version__,
-            "pid": os.getpid(),
-            "upstream": upstream,
-            "exporter": exporter_status(request.app.get(PROVIDER_KEY)),
-        }
-        return web.Response(
-            status=200 if upstream["reachable"] else 503,
-            text=json.dumps(body),
-            content_type=_JSON,
-            headers={"Cache-Control": "no-store"},
-        )
-
-    async def _upstream_health(self) -> dict[str, Any]:
-        # One probe per HEALTH_CACHE_S at most: a burst of health checks (a
-        # load balancer, or anyone on the internet) must not become a burst
-        # of connections to the backend.
-        now = time.monotonic()
-        if self._health is not None and now - self._health[0] < HEALTH_CACHE_S:
-            return self._health[1]
-        started = time.perf_counter_ns()
-        result: dict[str, Any] = {"url": self.upstream_origin, "reachable": True, "error": None}
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.upstream.host, self.upstream.port),
-                timeout=min(2.0, self.config.connect_timeout_s),
-            )
-            writer.close()
-            result["connect_ms"] = _ms(time.perf_counter_ns() - started)
-        except (OSError, TimeoutError) as exc:
-            result["reachable"] = False
-            result["error"] = type(exc).__name__
-        self._health = (now, result)
-        return result
-
-    async def reserved_not_found(self, request: web.Request) -> web.Response:
-        return _json_error(404, f"no such gateway endpoint: {request.path}")
-
-    async def clock(self, request: web.Request) -> web.Response:
-        """``GET /__gateway/clock``: 204 with ``X-Gateway-Clock``, for the
-        snippet's start-up sync burst. No upstream call, no span, no body."""
-        t1_ns = time.time_ns()
-        t1_perf = time.perf_counter_ns()
-        response = web.Response(status=204, headers={"Cache-Control": "no-store"})
-        origin = self.cors.origin(request)
-        if origin is not None:
-            self.cors.grant(response.headers, origin)
-        t1_ms = t1_ns / 1e6
-        t2_ms = t1_ms + (time.perf_counter_ns() - t1_perf) / 1e6
-        response.headers["X-Gateway-Clock"] = self.measurement.clock_header(t1_ms, t2_ms, None)
-        return response
-
-    async def reserved_preflight(self, request: web.Request) -> web.Response:
-        origin = self.cors.origin(request)
-        if origin is not None and self.cors.is_preflight(request):
-            return self.cors.preflight(request, origin)
-        return await self.reserved_not_found(request)
-
-    # -- the proxy -------------------------------------------------------
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
         t1_ns = time.time_ns()
         t1_perf = time.perf_counter_ns()
@@ -226,7 +140,7 @@ class Gateway:
 
         too_big = proxy.header_limit_error(request)
         if too_big is not None:
-            return _json_error(*too_big)
+            return json_error(*too_big)
 
         inbound = context.extract(request.headers, self.config.trust_context)
         known = method if method in KNOWN_METHODS else "_OTHER"
@@ -281,7 +195,7 @@ class Gateway:
             server_span.set_attribute("error.type", error_type)
             if status >= 500:
                 server_span.set_status(Status(StatusCode.ERROR, message))
-            response = _json_error(status, message, trace_id)
+            response = json_error(status, message, trace_id)
             self._finish_headers(response.headers, exchange, None)
             return response
 
@@ -414,11 +328,11 @@ class Gateway:
         # W3C Server Timing: gw is t2 − t1 (receipt to response headers, the
         # upstream wait included), upstream the part spent waiting for the
         # upstream's headers (DESIGN §5).
-        timing_value = f"gw;dur={_ms(gw_ns)}"
+        timing_value = f"gw;dur={ms(gw_ns)}"
         if upstream_ns is not None:
-            timing_value += f", upstream;dur={_ms(upstream_ns)}"
-            span.set_attribute("latency.upstream_ms", _ms(upstream_ns))
-        span.set_attribute("latency.gateway_ms", _ms(gw_ns))
+            timing_value += f", upstream;dur={ms(upstream_ns)}"
+            span.set_attribute("latency.upstream_ms", ms(upstream_ns))
+        span.set_attribute("latency.gateway_ms", ms(gw_ns))
         uplink = measure.server_timing(exchange.verdict)
         if uplink is not None:
             timing_value += ", " + uplink
@@ -505,20 +419,6 @@ def _abort(request: web.BaseRequest) -> None:
         transport.abort()
 
 
-def exporter_status(provider: ApiTracerProvider | None) -> dict[str, Any]:
-    """Queue size of the batch span processor, when one is there to ask."""
-    status: dict[str, Any] = {"queued_spans": None}
-    if not isinstance(provider, TracerProvider):
-        return status
-    for processor in getattr(provider._active_span_processor, "_span_processors", ()):
-        inner = getattr(processor, "_batch_processor", None)
-        queue = getattr(inner, "_queue", None)
-        if queue is not None:
-            status["queued_spans"] = len(queue)
-            status["max_queue_size"] = getattr(inner, "_max_queue_size", None)
-    return status
-
-
 def create_app(
     config: GatewayConfig, *, tracer_provider: ApiTracerProvider | None = None
 ) -> web.Application:
@@ -530,14 +430,10 @@ def create_app(
     provider = tracer_provider if tracer_provider is not None else get_tracer_provider()
     tracer = provider.get_tracer("gateway", __version__)
     gateway = Gateway(config, tracer)
+    reserved = Reserved(config, gateway.cors, gateway.measurement, provider)
     app = web.Application(handler_args=dict(proxy.PARSER_LIMITS))
     app[CONFIG_KEY] = config
-    app[TRACER_KEY] = tracer
-    app[PROVIDER_KEY] = provider
     app.cleanup_ctx.append(gateway.session_ctx)
-    app.router.add_get(RESERVED_PREFIX + "health", gateway.health, allow_head=True)
-    app.router.add_get(RESERVED_PREFIX + "clock", gateway.clock, allow_head=True)
-    app.router.add_route("OPTIONS", RESERVED_PREFIX + "{tail:.*}", gateway.reserved_preflight)
-    app.router.add_route("*", RESERVED_PREFIX + "{tail:.*}", gateway.reserved_not_found)
+    reserved.add_routes(app.router, RESERVED_PREFIX)
     app.router.add_route("*", "/{tail:.*}", gateway.handle)
     return app

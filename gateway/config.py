@@ -64,6 +64,7 @@ class GatewayConfig:
     max_connections: int = 1024
     timing_rate: TimingRate = field(default_factory=TimingRate)
     log_level: str = "info"
+    browser_service_name: str = "browser"
 
     @property
     def upstream_url(self) -> URL:
@@ -151,6 +152,9 @@ class GatewayConfig:
             ),
             timing_rate=pick("timing_rate", "GATEWAY_TIMING_RATE", _parse_rate, TimingRate()),
             log_level=pick("log_level", "GATEWAY_LOG_LEVEL", _parse_str, "info").lower(),
+            browser_service_name=pick(
+                "browser_service_name", "GATEWAY_BROWSER_SERVICE_NAME", _parse_str, "browser"
+            ),
         )
         config.validate()
         return config

@@ -1,8 +1,9 @@
-"""``make run``: start the backend and the gateway, print where to point a
-browser or curl, stop both cleanly on Ctrl-C (or SIGTERM).
+"""``make run``: start the backend, the gateway and the demo frontend, print
+where to point a browser or curl, stop them all cleanly on Ctrl-C (or SIGTERM).
 
 Each component runs as its own process (``python -m backend``,
-``python -m gateway``) with its output prefixed by its name. When one of them
+``python -m gateway``, ``frontend-snippet/demo/server.py``) with its output
+prefixed by its name. When one of them
 exits on its own, the other is stopped too and this script exits non-zero.
 Configuration reaches the components through their usual ``GATEWAY_*``,
 ``BACKEND_*`` and ``OTEL_*`` variables.
@@ -33,8 +34,9 @@ def _pump(name: str, stream: IO[bytes]) -> None:
 
 
 def _start(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    command = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", *args]
     proc = subprocess.Popen(
-        [sys.executable, "-m", *args],
+        command,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -79,13 +81,15 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="make run",
-        description="Start backend and gateway; Ctrl-C stops both.",
+        description="Start backend, gateway and demo frontend; Ctrl-C stops them all.",
     )
     parser.add_argument("--backend-port", type=int, default=4567)
     parser.add_argument("--gateway-port", type=int, default=8080)
+    parser.add_argument("--demo-port", type=int, default=3000)
     args = parser.parse_args(argv)
     backend_url = f"http://127.0.0.1:{args.backend_port}"
     gateway_url = f"http://127.0.0.1:{args.gateway_port}"
+    demo_url = f"http://127.0.0.1:{args.demo_port}"
 
     stopping = threading.Event()
 
@@ -101,18 +105,48 @@ def main(argv: list[str] | None = None) -> int:
         print("make run: the backend did not start (see its output above)", file=sys.stderr)
         _stop(procs)
         return 1
+    # The demo page is another origin: allow it (both spellings of localhost).
+    origins = os.environ.get(
+        "GATEWAY_ALLOWED_ORIGINS",
+        f"http://localhost:{args.demo_port},http://127.0.0.1:{args.demo_port}",
+    )
     gateway = _start(
-        "gateway", ["gateway", "--upstream", backend_url, "--port", str(args.gateway_port)]
+        "gateway",
+        [
+            "gateway",
+            "--upstream",
+            backend_url,
+            "--port",
+            str(args.gateway_port),
+            "--allowed-origins",
+            origins,
+        ],
     )
     procs = [gateway, backend]
     if not _wait_healthy(gateway_url + "/__gateway/health", gateway):
         print("make run: the gateway did not start (see its output above)", file=sys.stderr)
         _stop(procs)
         return 1
+    demo = _start(
+        "demo",
+        [
+            "frontend-snippet/demo/server.py",
+            "--port",
+            str(args.demo_port),
+            "--gateway",
+            gateway_url,
+        ],
+    )
+    procs = [demo, gateway, backend]
+    if not _wait_healthy(demo_url + "/", demo):
+        print("make run: the demo did not start (see its output above)", file=sys.stderr)
+        _stop(procs)
+        return 1
 
     print(
         f"""
   Ready.
+    demo     {demo_url}   (open in a browser: the Cruddur feed, measured)
     gateway  {gateway_url}   (every request is traced and forwarded to the backend)
     backend  {backend_url}
 
@@ -134,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             exit_code = 1
             break
         stopping.wait(0.5)
-    print("make run: stopping gateway and backend …", flush=True)
+    print("make run: stopping demo, gateway and backend …", flush=True)
     _stop(procs)
     print("make run: stopped.", flush=True)
     return exit_code

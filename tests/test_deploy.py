@@ -62,7 +62,7 @@ def test_compose_references_existing_files_and_modules() -> None:
 
 
 def test_make_run_starts_the_stack_and_ctrl_c_stops_it() -> None:
-    backend_port, gateway_port = free_port(), free_port()
+    backend_port, gateway_port, demo_port = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -71,6 +71,8 @@ def test_make_run_starts_the_stack_and_ctrl_c_stops_it() -> None:
             str(backend_port),
             "--gateway-port",
             str(gateway_port),
+            "--demo-port",
+            str(demo_port),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -96,6 +98,9 @@ def test_make_run_starts_the_stack_and_ctrl_c_stops_it() -> None:
         with urllib.request.urlopen(request, timeout=10) as resp:
             assert resp.status == 200
             assert "0af7651916cd43dd8448eb211c80319c" in resp.headers["Server-Timing"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{demo_port}/", timeout=10) as resp:
+            page = resp.read().decode()
+            assert f"http://127.0.0.1:{gateway_port}/__gateway/snippet.js" in page
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0

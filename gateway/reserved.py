@@ -1,0 +1,243 @@
+"""The gateway's own endpoints under ``/__gateway/`` (DESIGN §4), never forwarded.
+
+What it is for: ``clock`` (the snippet's sync burst), ``snippet.js`` /
+``snippet.mjs`` (the snippet, cacheable), ``beacon`` (browser timings →
+browser spans, see ``beacon.py``), ``health``, CORS preflights for these, and
+a JSON 404 for anything else under the prefix.
+
+Not for: proxying (``app.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+from multidict import CIMultiDict
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.trace import TracerProvider as ApiTracerProvider
+
+from gateway import __version__, beacon, measure, proxy, timing
+from gateway.config import GatewayConfig
+from gateway.cors import Cors
+from gateway.http import JSON, json_error, ms
+
+#: The snippet file, served at /__gateway/snippet.js (classic script) and
+#: /__gateway/snippet.mjs (the same file with an ES module footer).
+SNIPPET_PATH: Final = Path(__file__).resolve().parent.parent / "frontend-snippet" / "snippet.js"
+SNIPPET_MODULE_FOOTER: Final = (
+    b"\nexport const init = globalThis.LatencyGateway.init;"
+    b"\nexport default globalThis.LatencyGateway;\n"
+)
+#: Browsers may reuse the snippet for 5 minutes, then revalidate by ETag.
+SNIPPET_MAX_AGE_S: Final = 300
+#: Beacons per client: the snippet sends one every 5 s, or per 20 requests.
+BEACON_RATE_PER_S: Final = 2.0
+BEACON_BURST: Final = 20
+
+#: How long one upstream reachability probe answers /__gateway/health.
+HEALTH_CACHE_S: Final = 1.0
+
+
+class Reserved:
+    """Handlers for the reserved prefix, with the state they need."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        cors: Cors,
+        measurement: measure.Measurement,
+        provider: ApiTracerProvider,
+    ) -> None:
+        self.config = config
+        self.cors = cors
+        self.measurement = measurement
+        self.provider = provider
+        self.upstream = config.upstream_url
+        self.beacon_limiter = timing.RateLimiter(BEACON_RATE_PER_S, BEACON_BURST)
+        self.browser_resource = beacon.browser_resource(config.browser_service_name)
+        self.beacon_counts: Counter[str] = Counter()
+        self._health: tuple[float, dict[str, Any]] | None = None
+        # Browser spans are built from beacons, not started by a tracer (their
+        # span ids are the browser's), so they go straight to the provider's
+        # span processor: the same batch processor and exporter as the
+        # gateway's own spans (the SDK keeps it in a private attribute).
+        self.span_processor: SpanProcessor | None = getattr(
+            provider, "_active_span_processor", None
+        )
+        self.snippet: tuple[bytes, str] | None = None
+        if SNIPPET_PATH.is_file():
+            # Start-up work, before the loop serves anything.
+            data = SNIPPET_PATH.read_bytes()
+            self.snippet = (data, '"' + hashlib.sha256(data).hexdigest()[:20] + '"')
+
+    def add_routes(self, router: web.UrlDispatcher, prefix: str) -> None:
+        router.add_get(prefix + "health", self.health, allow_head=True)
+        router.add_get(prefix + "clock", self.clock, allow_head=True)
+        router.add_get(prefix + "snippet.js", self.snippet_file, allow_head=True)
+        router.add_get(prefix + "snippet.mjs", self.snippet_file, allow_head=True)
+        router.add_post(prefix + "beacon", self.beacon)
+        router.add_route("OPTIONS", prefix + "{tail:.*}", self.reserved_preflight)
+        router.add_route("*", prefix + "{tail:.*}", self.reserved_not_found)
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Upstream reachability (a TCP connect, no request), exporter queue, version."""
+        upstream = await self._upstream_health()
+        body = {
+            "status": "ok" if upstream["reachable"] else "degraded",
+            "version": __version__,
+            "pid": os.getpid(),
+            "upstream": upstream,
+            "exporter": exporter_status(self.provider),
+            "beacon": dict(self.beacon_counts),
+        }
+        return web.Response(
+            status=200 if upstream["reachable"] else 503,
+            text=json.dumps(body),
+            content_type=JSON,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _upstream_health(self) -> dict[str, Any]:
+        # One probe per HEALTH_CACHE_S at most: a burst of health checks (a
+        # load balancer, or anyone on the internet) must not become a burst
+        # of connections to the backend.
+        now = time.monotonic()
+        if self._health is not None and now - self._health[0] < HEALTH_CACHE_S:
+            return self._health[1]
+        started = time.perf_counter_ns()
+        result: dict[str, Any] = {
+            "url": str(self.upstream.origin()),
+            "reachable": True,
+            "error": None,
+        }
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.upstream.host, self.upstream.port),
+                timeout=min(2.0, self.config.connect_timeout_s),
+            )
+            writer.close()
+            result["connect_ms"] = ms(time.perf_counter_ns() - started)
+        except (OSError, TimeoutError) as exc:
+            result["reachable"] = False
+            result["error"] = type(exc).__name__
+        self._health = (now, result)
+        return result
+
+    async def snippet_file(self, request: web.Request) -> web.Response:
+        """The snippet, cacheable, with an ETag (a classic script needs no CORS;
+        the module variant does, for allowed origins)."""
+        if self.snippet is None:
+            return json_error(404, f"snippet not found at {SNIPPET_PATH}")
+        body, etag = self.snippet
+        module = request.path.endswith(".mjs")
+        if module:
+            body += SNIPPET_MODULE_FOOTER
+            etag = etag[:-1] + '-m"'
+        headers = CIMultiDict(
+            {
+                "ETag": etag,
+                "Cache-Control": f"public, max-age={SNIPPET_MAX_AGE_S}",
+                "Vary": "Origin",
+            }
+        )
+        origin = self.cors.origin(request)
+        if module and origin is not None:
+            self.cors.grant(headers, origin)
+        # RFC 9110 §13.1.2: If-None-Match with a matching entity tag → 304.
+        if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
+            return web.Response(status=304, headers=headers)
+        return web.Response(
+            body=body, headers=headers, content_type="text/javascript", charset="utf-8"
+        )
+
+    async def beacon(self, request: web.Request) -> web.Response:
+        """``POST /__gateway/beacon``: browser timings → browser CLIENT spans.
+
+        Size-, rate- and origin-limited; bad entries are counted and dropped,
+        and no input gets a 500."""
+        origin = self.cors.origin(request)
+        if origin is None:
+            return json_error(403, "beacon from an origin not in GATEWAY_ALLOWED_ORIGINS")
+        peer = proxy.forwarding(request, self.config.trusted_proxies).client_address
+        if not self.beacon_limiter.allow(peer, time.monotonic()):
+            self.beacon_counts["rate_limited"] += 1
+            response = json_error(429, "too many beacons; slow down")
+            self.cors.grant(response.headers, origin)
+            return response
+        declared = request.content_length
+        if declared is not None and declared > beacon.MAX_BEACON_BYTES:
+            return json_error(413, f"beacon larger than {beacon.MAX_BEACON_BYTES} bytes")
+        body = await request.content.read(beacon.MAX_BEACON_BYTES + 1)
+        if len(body) > beacon.MAX_BEACON_BYTES:
+            return json_error(413, f"beacon larger than {beacon.MAX_BEACON_BYTES} bytes")
+        try:
+            payload = json.loads(body)
+            result = beacon.ingest(
+                payload,
+                key=self.config.clock_key,
+                now_ms=time.time_ns() / 1e6,
+                resource=self.browser_resource,
+                processor=self.span_processor,
+            )
+        except (ValueError, RecursionError) as exc:  # JSON errors and BeaconError
+            self.beacon_counts["bad_beacon"] += 1
+            response = json_error(400, f"beacon is not usable: {str(exc)[:200]}")
+            self.cors.grant(response.headers, origin)
+            return response
+        self.beacon_counts["accepted"] += result.accepted
+        for reason, count in result.dropped.items():
+            self.beacon_counts[f"dropped_{reason}"] += count
+        response = web.Response(
+            status=202,
+            text=json.dumps({"accepted": result.accepted, "dropped": dict(result.dropped)}),
+            content_type=JSON,
+        )
+        self.cors.grant(response.headers, origin)
+        return response
+
+    async def reserved_not_found(self, request: web.Request) -> web.Response:
+        return json_error(404, f"no such gateway endpoint: {request.path}")
+
+    async def clock(self, request: web.Request) -> web.Response:
+        """``GET /__gateway/clock``: 204 with ``X-Gateway-Clock``, for the
+        snippet's start-up sync burst. No upstream call, no span, no body."""
+        t1_ns = time.time_ns()
+        t1_perf = time.perf_counter_ns()
+        response = web.Response(status=204, headers={"Cache-Control": "no-store"})
+        origin = self.cors.origin(request)
+        if origin is not None:
+            self.cors.grant(response.headers, origin)
+        t1_ms = t1_ns / 1e6
+        t2_ms = t1_ms + (time.perf_counter_ns() - t1_perf) / 1e6
+        response.headers["X-Gateway-Clock"] = self.measurement.clock_header(t1_ms, t2_ms, None)
+        return response
+
+    async def reserved_preflight(self, request: web.Request) -> web.Response:
+        origin = self.cors.origin(request)
+        if origin is not None and self.cors.is_preflight(request):
+            return self.cors.preflight(request, origin)
+        return await self.reserved_not_found(request)
+
+    # -- the proxy -------------------------------------------------------
+
+
+def exporter_status(provider: ApiTracerProvider | None) -> dict[str, Any]:
+    """Queue size of the batch span processor, when one is there to ask."""
+    status: dict[str, Any] = {"queued_spans": None}
+    if not isinstance(provider, TracerProvider):
+        return status
+    for processor in getattr(provider._active_span_processor, "_span_processors", ()):
+        inner = getattr(processor, "_batch_processor", None)
+        queue = getattr(inner, "_queue", None)
+        if queue is not None:
+            status["queued_spans"] = len(queue)
+            status["max_queue_size"] = getattr(inner, "_max_queue_size", None)
+    return status
