@@ -27,6 +27,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Reso
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler
+from opentelemetry.util.re import parse_env_headers
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +86,59 @@ def _install_export_log_limits() -> None:
             logger.addFilter(_RateLimitFilter(EXPORT_LOG_INTERVAL_S))
 
 
+#: DESIGN §3: with a Honeycomb key and no endpoint, spans go to Honeycomb.
+HONEYCOMB_ENDPOINT = "https://api.honeycomb.io"
+HONEYCOMB_HEADER = "x-honeycomb-team"
+
+
 def otlp_traces_endpoint(environ: Mapping[str, str]) -> str:
     """The URL spans are posted to, resolved as the OTel SDK documents it.
 
     ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is used as is; the generic
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` gets ``/v1/traces`` appended (OTel
-    specification, "Endpoint URLs for OTLP/HTTP").
+    specification, "Endpoint URLs for OTLP/HTTP"). With neither, Honeycomb
+    when ``HONEYCOMB_API_KEY`` is set, else the local viewer.
     """
     signal = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
     if signal:
         return signal
-    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or DEFAULT_OTLP_ENDPOINT
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if not base:
+        base = HONEYCOMB_ENDPOINT if _honeycomb_key(environ) else DEFAULT_OTLP_ENDPOINT
     return base.rstrip("/") + "/v1/traces"
+
+
+def _honeycomb_key(environ: Mapping[str, str]) -> str:
+    return environ.get("HONEYCOMB_API_KEY", "").strip()
+
+
+def otlp_headers(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """Export headers: the ``OTEL_EXPORTER_OTLP_*HEADERS`` the SDK would use,
+    plus ``x-honeycomb-team`` from ``HONEYCOMB_API_KEY`` unless they already
+    set it (DESIGN §3). None when there is no key: the SDK reads its own.
+
+    An explicit ``headers=`` argument may replace the environment's headers
+    (it did in earlier SDKs), so the union is computed here and passed whole.
+    """
+    key = _honeycomb_key(environ)
+    if not key:
+        return None
+    raw = environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or environ.get(
+        "OTEL_EXPORTER_OTLP_HEADERS", ""
+    )
+    headers = {k.lower(): v for k, v in parse_env_headers(raw, liberal=True).items()}
+    headers.setdefault(HONEYCOMB_HEADER, key)
+    return headers
+
+
+def describe_destination(environ: Mapping[str, str]) -> str:
+    """Where spans go, for the first log line (never the key itself)."""
+    endpoint = otlp_traces_endpoint(environ)
+    if _honeycomb_key(environ):
+        return f"{endpoint} (OTLP/HTTP protobuf, Honeycomb API key set)"
+    if endpoint == DEFAULT_OTLP_ENDPOINT + "/v1/traces":
+        return f"{endpoint} (OTLP/HTTP protobuf: the local viewer, python -m gateway.viewer)"
+    return f"{endpoint} (OTLP/HTTP protobuf)"
 
 
 def build_resource(default_service_name: str) -> Resource:
@@ -123,13 +165,12 @@ def build_tracer_provider(
     env = os.environ
     sampler = default_sampler if "OTEL_TRACES_SAMPLER" not in env else None
     provider = TracerProvider(resource=build_resource(default_service_name), sampler=sampler)
-    endpoint = otlp_traces_endpoint(env)
-    exporter = OTLPSpanExporter(endpoint=endpoint)
+    exporter = OTLPSpanExporter(endpoint=otlp_traces_endpoint(env), headers=otlp_headers(env))
     batch_size = None if "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" in env else DEFAULT_EXPORT_BATCH_SIZE
     provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=batch_size))
     _install_export_log_limits()
     service = provider.resource.attributes.get(SERVICE_NAME)
-    log.info("spans from %s go to %s (OTLP/HTTP protobuf)", service, endpoint)
+    log.info("spans from %s go to %s", service, describe_destination(env))
     return provider
 
 

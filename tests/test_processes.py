@@ -50,23 +50,40 @@ def backend_proc(receiver: OtlpReceiver) -> Iterator[Process]:
         yield proc
 
 
-def test_stack_exports_one_trace_from_both_services(
-    receiver: OtlpReceiver, backend_proc: Process
+HONEYCOMB_ENV = {"HONEYCOMB_API_KEY": "test-key", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+
+@pytest.fixture
+def honeycomb_backend(receiver: OtlpReceiver) -> Iterator[Process]:
+    env = {**HONEYCOMB_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+    with Process("backend", ["--port", "0"], env) as proc:
+        yield proc
+
+
+def test_stack_exports_one_trace_from_both_services_with_the_honeycomb_key(
+    receiver: OtlpReceiver, honeycomb_backend: Process
 ) -> None:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    env = {**HONEYCOMB_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
     port = free_port()
-    args = ["--upstream", backend_proc.url, "--port", str(port), "--workers", "2"]
+    args = ["--upstream", honeycomb_backend.url, "--port", str(port), "--workers", "2"]
     with Process("gateway", args, env) as gateway:
+        now_ms = time.time() * 1000
         status, headers, body = _get(
             gateway.port,
             "/api/activities/home",
-            {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+            {
+                "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
+                "X-Client-Timestamp": f"{now_ms - 5:.3f}",
+                "X-Client-Clock": "off=0, d=2, age=100",
+            },
         )
         assert status == 200
         assert json.loads(body)
         assert "traceparent;desc=" in headers["Server-Timing"]
         code, err = gateway.terminate()
         assert code == 0, err
+    assert "test-key" not in err
+    assert "Honeycomb API key set" in err
     spans = receiver.wait_for(lambda s: len([x for x in s if x.trace_id == TRACE_ID]) >= 4)
     ours = {(s.service, s.name): s for s in spans if s.trace_id == TRACE_ID}
     gateway_spans = [s for s in spans if s.service == "gateway" and s.trace_id == TRACE_ID]
@@ -81,7 +98,48 @@ def test_stack_exports_one_trace_from_both_services(
     assert mock.parent_span_id == flask.span_id
     assert mock.attributes["app.result_length_bytes"] == len(body)
     assert "latency.gateway_ms" in server.attributes
-    assert receiver.headers[0]["Content-Type"] == "application/x-protobuf"
+    assert server.attributes["latency.status"] == "ok"
+    assert server.attributes["latency.trust"] == "client_only"
+    assert "latency.uplink_ms" in server.attributes
+    # DESIGN §3: HONEYCOMB_API_KEY becomes the x-honeycomb-team header of
+    # every export, from both services.
+    assert receiver.headers
+    for sent in receiver.headers:
+        assert sent["x-honeycomb-team"] == "test-key"
+        assert sent["Content-Type"] == "application/x-protobuf"
+    assert {s.service for s in spans} >= {"gateway", "backend"}
+
+
+def test_requests_never_feel_a_dead_or_hanging_exporter(backend_proc: Process) -> None:
+    """Exporter down (refused) or hanging (accepts, never answers): requests
+    still succeed and the export complaints are rate-limited in the log."""
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(100)  # accepts connections, never answers
+    try:
+        for endpoint in (
+            f"http://127.0.0.1:{free_port()}",
+            f"http://127.0.0.1:{hang.getsockname()[1]}",
+        ):
+            env = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                "OTEL_BSP_SCHEDULE_DELAY": "50",
+                "OTEL_EXPORTER_OTLP_TIMEOUT": "2",
+            }
+            with Process("gateway", _one_worker(backend_proc), env) as gw:
+                started = time.monotonic()
+                for _ in range(300):
+                    status, _, _ = _get(gw.port, "/api/health")
+                    assert status == 200
+                assert time.monotonic() - started < 60
+                code, err = gw.terminate()
+            assert code == 0
+            export_lines = [
+                ln for ln in err.splitlines() if "opentelemetry" in ln and "WARNING" in ln
+            ]
+            assert len(export_lines) <= 6, export_lines
+    finally:
+        hang.close()
 
 
 def test_sigterm_stops_every_worker(backend_proc: Process) -> None:

@@ -1,0 +1,108 @@
+"""Telemetry configuration (gateway/telemetry.py): endpoints, headers, the
+Honeycomb convenience of DESIGN §3, samplers, export log limits."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+from gateway import telemetry
+
+
+@pytest.mark.parametrize(
+    ("env", "endpoint"),
+    [
+        ({}, "http://127.0.0.1:4318/v1/traces"),
+        ({"HONEYCOMB_API_KEY": "k"}, "https://api.honeycomb.io/v1/traces"),
+        (
+            {"HONEYCOMB_API_KEY": "k", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"},
+            "http://collector:4318/v1/traces",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://otlp.example"}, "https://otlp.example/v1/traces"),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "https://otlp.example",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://traces.example/custom",
+            },
+            "https://traces.example/custom",
+        ),
+    ],
+)
+def test_endpoint_resolution(env: dict[str, str], endpoint: str) -> None:
+    assert telemetry.otlp_traces_endpoint(env) == endpoint
+
+
+def test_honeycomb_key_adds_the_team_header_to_the_environments_headers() -> None:
+    env = {"HONEYCOMB_API_KEY": "secret-key", "OTEL_EXPORTER_OTLP_HEADERS": "x-a=1,x-b=two%20words"}
+    assert telemetry.otlp_headers(env) == {
+        "x-a": "1",
+        "x-b": "two words",
+        "x-honeycomb-team": "secret-key",
+    }
+
+
+def test_explicit_team_header_wins_over_the_key() -> None:
+    env = {"HONEYCOMB_API_KEY": "k1", "OTEL_EXPORTER_OTLP_HEADERS": "X-Honeycomb-Team=k2"}
+    assert telemetry.otlp_headers(env) == {"x-honeycomb-team": "k2"}
+
+
+def test_signal_specific_headers_take_precedence() -> None:
+    env = {
+        "HONEYCOMB_API_KEY": "k",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-generic=1",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-traces=1",
+    }
+    assert telemetry.otlp_headers(env) == {"x-traces": "1", "x-honeycomb-team": "k"}
+
+
+def test_no_key_leaves_headers_to_the_sdk() -> None:
+    assert telemetry.otlp_headers({"OTEL_EXPORTER_OTLP_HEADERS": "a=b"}) is None
+
+
+def test_destination_never_shows_the_key() -> None:
+    text = telemetry.describe_destination({"HONEYCOMB_API_KEY": "hush-hush-key"})
+    assert "hush-hush" not in text
+    assert "api.honeycomb.io" in text
+    assert "local viewer" in telemetry.describe_destination({})
+
+
+def test_service_name_default_and_environment_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    assert telemetry.build_resource("gateway").attributes["service.name"] == "gateway"
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attrs,team=edge")
+    resource = telemetry.build_resource("gateway")
+    assert resource.attributes["service.name"] == "from-attrs"
+    assert resource.attributes["team"] == "edge"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "checkout-gateway")
+    assert telemetry.build_resource("gateway").attributes["service.name"] == "checkout-gateway"
+
+
+def test_sampler_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    gateway = telemetry.build_tracer_provider("gateway", default_sampler=ALWAYS_ON)
+    backend = telemetry.build_tracer_provider("backend")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    ratio = telemetry.build_tracer_provider("gateway", default_sampler=ALWAYS_ON)
+    try:
+        assert gateway.sampler is ALWAYS_ON
+        assert isinstance(backend.sampler, ParentBased)
+        assert "0.25" in ratio.sampler.get_description()
+    finally:
+        for provider in (gateway, backend, ratio):
+            telemetry.shutdown_tracer_provider(provider, timeout_s=1)
+
+
+def test_export_failure_logs_are_rate_limited() -> None:
+    limiter = telemetry._RateLimitFilter(interval_s=3600)
+    records = [
+        logging.LogRecord("x", logging.WARNING, __file__, 1, "export failed", None, None)
+        for _ in range(50)
+    ]
+    passed = [r for r in records if limiter.filter(r)]
+    assert len(passed) == 1
+    debug = logging.LogRecord("x", logging.DEBUG, __file__, 1, "detail", None, None)
+    assert limiter.filter(debug)
