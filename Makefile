@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint unit format bench clean
+.PHONY: help run test lint unit js chromium format bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,10 +29,24 @@ lint: $(VENV)/.dev  ## ruff, ruff format --check, mypy --strict
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy gateway backend
 
-unit: $(VENV)/.dev  ## the test suite only (no lint)
+# Real-browser tests drive Debian's chromium (never a downloaded browser).
+chromium:  ## install Debian chromium when it is missing (needs root, as CI is)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+frontend-snippet/node_modules/.installed: frontend-snippet/package.json frontend-snippet/package-lock.json
+	cd frontend-snippet && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+js: frontend-snippet/node_modules/.installed  ## the snippet's node tests and size check
+	node --test frontend-snippet/test/
+	node frontend-snippet/scripts/size.mjs
+
+unit: $(VENV)/.dev chromium  ## the Python test suite only (no lint)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test: lint unit  ## lint + the whole test suite (what CI runs)
+test: lint js unit  ## lint + the snippet's tests + the whole Python suite (what CI runs)
 
 format: $(VENV)/.dev  ## apply ruff's fixes and formatting
 	$(PY) -m ruff check --fix .

@@ -86,10 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend-port", type=int, default=4567)
     parser.add_argument("--gateway-port", type=int, default=8080)
     parser.add_argument("--demo-port", type=int, default=3000)
+    parser.add_argument("--viewer-port", type=int, default=4318)
     args = parser.parse_args(argv)
     backend_url = f"http://127.0.0.1:{args.backend_port}"
     gateway_url = f"http://127.0.0.1:{args.gateway_port}"
     demo_url = f"http://127.0.0.1:{args.demo_port}"
+
+    # With neither an OTLP endpoint nor a Honeycomb key, spans go to the local
+    # viewer's default address: start it, so traces are visible with no setup.
+    with_viewer = not any(
+        os.environ.get(name, "").strip()
+        for name in (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "HONEYCOMB_API_KEY",
+        )
+    )
+    viewer_url = f"http://127.0.0.1:{args.viewer_port}"
+    if with_viewer and args.viewer_port != 4318:
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = viewer_url
 
     stopping = threading.Event()
 
@@ -99,8 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    procs: list[subprocess.Popen[bytes]] = []
+    if with_viewer:
+        viewer = _start("viewer", ["gateway.viewer", "--port", str(args.viewer_port)])
+        procs = [viewer]
+        if not _wait_healthy(viewer_url + "/", viewer):
+            print("make run: the viewer did not start (see its output above)", file=sys.stderr)
+            _stop(procs)
+            return 1
     backend = _start("backend", ["backend", "--port", str(args.backend_port)])
-    procs = [backend]
+    procs = [backend, *procs]
     if not _wait_healthy(backend_url + "/api/health", backend):
         print("make run: the backend did not start (see its output above)", file=sys.stderr)
         _stop(procs)
@@ -122,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             origins,
         ],
     )
-    procs = [gateway, backend]
+    procs = [gateway, *procs]
     if not _wait_healthy(gateway_url + "/__gateway/health", gateway):
         print("make run: the gateway did not start (see its output above)", file=sys.stderr)
         _stop(procs)
@@ -137,12 +160,22 @@ def main(argv: list[str] | None = None) -> int:
             gateway_url,
         ],
     )
-    procs = [demo, gateway, backend]
+    procs = [demo, *procs]
     if not _wait_healthy(demo_url + "/", demo):
         print("make run: the demo did not start (see its output above)", file=sys.stderr)
         _stop(procs)
         return 1
 
+    spans_line = (
+        f"Traces: {viewer_url}  (the local viewer: recent traces, waterfalls, /latency)"
+        if with_viewer
+        else "Spans go to "
+        + (
+            os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            or "Honeycomb (HONEYCOMB_API_KEY is set)"
+        )
+    )
     print(
         f"""
   Ready.
@@ -155,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
          {gateway_url}/api/activities/home
     curl {gateway_url}/__gateway/health
 
-  Spans go to OTEL_EXPORTER_OTLP_ENDPOINT (default http://127.0.0.1:4318).
+  {spans_line}
   Ctrl-C stops everything.
 """,
         flush=True,
@@ -168,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             exit_code = 1
             break
         stopping.wait(0.5)
-    print("make run: stopping demo, gateway and backend …", flush=True)
+    print("make run: stopping …", flush=True)
     _stop(procs)
     print("make run: stopped.", flush=True)
     return exit_code

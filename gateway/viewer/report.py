@@ -1,0 +1,207 @@
+"""Per-route latency statistics and their text table (``python -m
+gateway.viewer report``).
+
+What it is for: from the SERVER spans of each trace, the route (DESIGN §2)
+and the figures users compare across routes: the clock-free round trip
+``latency.rtt_ms``, the uplink ``latency.uplink_ms`` (only where the
+gateway's verdict was ``ok``: other verdicts are claims it did not accept),
+the gateway's own time ``latency.gateway_ms`` and the backend SERVER span's
+duration; nearest-rank percentiles and an uplink histogram. Pure: spans in,
+dataclasses and text out.
+
+Not for: reading the database (``store.py``) or HTML (``pages.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from gateway.viewer.spans import SpanRecord, backend_span, gateway_span, number, route
+
+#: Upper edges (ms) of the uplink histogram's bins; a last bin takes the rest.
+#: Roughly logarithmic: loopback, LAN, same region, far away, mobile, broken.
+HISTOGRAM_EDGES_MS: Final = (5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+PERCENTILES: Final = (50, 95, 99)
+METRICS: Final = ("rtt", "uplink", "gateway", "backend")
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile: the smallest value with at least p % of the
+    values at or below it (no interpolation, so it is always a value that
+    was measured)."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    count: int
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Summary:
+        ordered = sorted(values)
+        return cls(
+            len(ordered), percentile(ordered, 50), percentile(ordered, 95), percentile(ordered, 99)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "p50": self.p50, "p95": self.p95, "p99": self.p99}
+
+
+@dataclass(frozen=True, slots=True)
+class Bin:
+    lo_ms: float | None  # None: open below
+    hi_ms: float | None  # None: open above
+    count: int
+
+    @property
+    def label(self) -> str:
+        if self.lo_ms is None:
+            return f"< {self.hi_ms:g}"
+        if self.hi_ms is None:
+            return f"≥ {self.lo_ms:g}"
+        return f"{self.lo_ms:g}–{self.hi_ms:g}"
+
+
+def histogram(values: Iterable[float], edges: Sequence[float] = HISTOGRAM_EDGES_MS) -> list[Bin]:
+    counts = [0] * (len(edges) + 1)
+    for value in values:
+        index = next((i for i, edge in enumerate(edges) if value < edge), len(edges))
+        counts[index] += 1
+    bounds: list[float | None] = [None, *edges, None]
+    return [Bin(bounds[i], bounds[i + 1], n) for i, n in enumerate(counts)]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteStats:
+    route: str
+    count: int
+    rtt_ms: Summary
+    uplink_ms: Summary
+    gateway_ms: Summary
+    backend_ms: Summary
+    uplink_histogram: tuple[Bin, ...]
+
+    def metric(self, name: str) -> Summary:
+        return {
+            "rtt": self.rtt_ms,
+            "uplink": self.uplink_ms,
+            "gateway": self.gateway_ms,
+            "backend": self.backend_ms,
+        }[name]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "route": self.route,
+            "count": self.count,
+            "rtt_ms": self.rtt_ms.to_json(),
+            "uplink_ms": self.uplink_ms.to_json(),
+            "gateway_ms": self.gateway_ms.to_json(),
+            "backend_ms": self.backend_ms.to_json(),
+            "uplink_histogram": [
+                {"lo_ms": b.lo_ms, "hi_ms": b.hi_ms, "count": b.count}
+                for b in self.uplink_histogram
+            ],
+        }
+
+
+@dataclass
+class _Samples:
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.values: dict[str, list[float]] = {name: [] for name in METRICS}
+
+    def add(self, name: str, value: float | None) -> None:
+        if value is not None:
+            self.values[name].append(value)
+
+
+def route_stats(traces: Iterable[Sequence[SpanRecord]]) -> list[RouteStats]:
+    """One row per route, the busiest first. ``traces``: the SERVER spans of
+    each trace (other spans are ignored)."""
+    by_route: dict[str, _Samples] = {}
+    for spans in traces:
+        name = route(spans)
+        if name is None:
+            continue
+        samples = by_route.setdefault(name, _Samples())
+        samples.count += 1
+        gateway = gateway_span(spans)
+        if gateway is not None:
+            attrs = gateway.attributes
+            samples.add("rtt", number(attrs.get("latency.rtt_ms")))
+            samples.add("gateway", number(attrs.get("latency.gateway_ms")))
+            if attrs.get("latency.status") == "ok":
+                samples.add("uplink", number(attrs.get("latency.uplink_ms")))
+        backend = backend_span(spans)
+        if backend is not None:
+            samples.add("backend", round(backend.duration_ns / 1e6, 3))
+    rows = [
+        RouteStats(
+            route=name,
+            count=s.count,
+            rtt_ms=Summary.of(s.values["rtt"]),
+            uplink_ms=Summary.of(s.values["uplink"]),
+            gateway_ms=Summary.of(s.values["gateway"]),
+            backend_ms=Summary.of(s.values["backend"]),
+            uplink_histogram=tuple(histogram(s.values["uplink"])),
+        )
+        for name, s in by_route.items()
+    ]
+    return sorted(rows, key=lambda r: (-r.count, r.route))
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    # Sub-millisecond figures (a loopback backend) would all read "0.0".
+    return f"{value:.1f}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
+
+
+def _triple(summary: Summary) -> str:
+    return " / ".join(fmt_ms(getattr(summary, f"p{p}")) for p in PERCENTILES)
+
+
+def format_table(stats: Sequence[RouteStats]) -> str:
+    """An aligned text table: route, traces, then p50 / p95 / p99 in ms of
+    each figure (``-`` where there is no sample; ``n`` counts uplink
+    samples, which only ``ok`` verdicts give)."""
+    header = [
+        "route",
+        "traces",
+        "rtt_ms p50/p95/p99",
+        "uplink n",
+        "uplink_ms p50/p95/p99",
+        "gateway_ms p50/p95/p99",
+        "backend_ms p50/p95/p99",
+    ]
+    rows = [
+        [
+            r.route,
+            str(r.count),
+            _triple(r.rtt_ms),
+            str(r.uplink_ms.count),
+            _triple(r.uplink_ms),
+            _triple(r.gateway_ms),
+            _triple(r.backend_ms),
+        ]
+        for r in stats
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        # Route left-aligned, numbers right-aligned so decimals line up.
+        parts = [cells[0].ljust(widths[0])]
+        parts += [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)]) + "\n"

@@ -1,0 +1,300 @@
+"""The snippet in real Chromium: the demo page on its own origin, requests
+through a loopback delay relay in front of the gateway, the page clock skewed.
+
+Gateway, backend and relay run as processes of their own (as in production),
+so nothing in the test process (Playwright's event loop, its GIL) can delay
+the gateway's receipt time; spans arrive through a real OTLP/HTTP receiver.
+Chromium is Debian's (`make test` installs it); these tests fail, never skip,
+when it cannot start.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, BrowserContext, Page
+
+from tests.browser import DemoThread, chromium, skew_script
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.relay import DelayRelay
+from tests.servers import Process, free_port
+
+ACCURACY: list[str] = []
+SERVER, CLIENT = 2, 3  # OTLP span kinds
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with chromium() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as rec:
+        yield rec
+
+
+@pytest.fixture(scope="module")
+def backend_proc(receiver: OtlpReceiver) -> Iterator[Process]:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    with Process("backend", ["--port", "0"], env) as proc:
+        yield proc
+
+
+@dataclass
+class Stack:
+    page: Page
+    demo: str
+    gateway: str
+    receiver: OtlpReceiver
+
+    def spans(self, trace_ids: set[str]) -> list[ReceivedSpan]:
+        return [s for s in self.receiver.spans if s.trace_id in trace_ids]
+
+
+def start_gateway(stack: ExitStack, backend: Process, receiver: OtlpReceiver, origin: str) -> str:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "GATEWAY_CLOCK_KEY": "browser-test-clock-key",
+    }
+    args = ["--upstream", backend.url, "--port", "0", "--workers", "1"]
+    gateway = stack.enter_context(Process("gateway", [*args, "--allowed-origins", origin], env))
+    return gateway.url
+
+
+async def _wait_for(page: Page, expression: str, timeout_s: float = 20.0) -> Any:
+    # Poll every 50 ms rather than every animation frame: a page busy
+    # re-evaluating would compete for the CPU with the processes being measured.
+    await page.wait_for_function(expression, timeout=timeout_s * 1000, polling=50)
+    return await page.evaluate(expression)
+
+
+@pytest.fixture
+async def stack_factory(
+    browser: Browser, backend_proc: Process, receiver: OtlpReceiver
+) -> AsyncIterator[Any]:
+    """Start gateway + relay + demo for a given path and skew, open the page."""
+    processes = ExitStack()
+    contexts: list[BrowserContext] = []
+    console: list[str] = []
+
+    async def start(up_ms: float, down_ms: float, skew_ms: float) -> Stack:
+        demo_port = free_port()
+        base = start_gateway(processes, backend_proc, receiver, f"http://127.0.0.1:{demo_port}")
+        relay = processes.enter_context(
+            DelayRelay(int(base.rsplit(":", 1)[1]), up_ms=up_ms, down_ms=down_ms)
+        )
+        demo = processes.enter_context(DemoThread(relay.url, port=demo_port))
+        context = await browser.new_context()
+        contexts.append(context)
+        await context.add_init_script(skew_script(skew_ms))
+        page = await context.new_page()
+        page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+        page.on("pageerror", lambda exc: console.append(f"pageerror: {exc}"))
+        await page.goto(demo.url)
+        # The sync burst is done when the snippet has a best sample.
+        await _wait_for(page, "LatencyGateway.clock() && LatencyGateway.clock().best != null")
+        await page.evaluate("window.demoReady")
+        return Stack(page, demo.url, relay.url, receiver)
+
+    yield start
+    # Shown by pytest when the test failed: what the page itself said.
+    print("\n".join(["browser console:", *console]))
+    for context in contexts:
+        await context.close()
+    processes.close()
+
+
+async def _requests_settled(page: Page, count: int) -> list[dict[str, Any]]:
+    """The snippet's records of the last ``count`` requests, once each has been
+    matched to its Resource Timing entry (rtt/pre known)."""
+    expression = (
+        f"LatencyGateway.requests.filter(r => r.pre != null).length >= {count} && "
+        f"LatencyGateway.requests.filter(r => r.pre != null).slice(-{count})"
+    )
+    records: list[dict[str, Any]] = await _wait_for(page, expression)
+    return records
+
+
+async def _click_sequentially(page: Page, button: str, times: int) -> None:
+    for _ in range(times):
+        before = await page.evaluate("LatencyGateway.requests.length")
+        await page.click(button)
+        await _wait_for(page, f"LatencyGateway.requests.length > {before}")
+
+
+def _gateway_servers(stack: Stack, records: list[dict[str, Any]]) -> dict[str, ReceivedSpan]:
+    """The gateway SERVER span of each record, by trace id (waits for export)."""
+    ids = {r["traceId"] for r in records}
+    spans = stack.receiver.wait_for(
+        lambda spans: (
+            len({s.trace_id for s in spans if s.trace_id in ids and s.service == "gateway"})
+            == len(ids)
+        )
+    )
+    return {
+        s.trace_id: s
+        for s in spans
+        if s.trace_id in ids and s.service == "gateway" and s.kind == SERVER
+    }
+
+
+async def _browser_spans(stack: Stack, records: list[dict[str, Any]]) -> dict[str, ReceivedSpan]:
+    """Flush the snippet's beacon (as on pagehide) and collect the browser spans."""
+    await stack.page.evaluate("window.dispatchEvent(new Event('pagehide'))")
+    ids = {r["traceId"] for r in records}
+    spans = stack.receiver.wait_for(
+        lambda spans: (
+            len({s.trace_id for s in spans if s.trace_id in ids and s.service == "browser"})
+            == len(ids)
+        )
+    )
+    return {s.trace_id: s for s in spans if s.trace_id in ids and s.service == "browser"}
+
+
+@pytest.mark.parametrize("skew_ms", [-3_600_000.0, -3_000.0, 0.0, 5_000.0, 3_600_000.0])
+async def test_measured_latency_in_chromium_at_any_skew(stack_factory: Any, skew_ms: float) -> None:
+    stack: Stack = await stack_factory(25, 25, skew_ms)
+    await _click_sequentially(stack.page, "#reload", 6)
+    records = await _requests_settled(stack.page, 6)
+    servers = _gateway_servers(stack, records)
+    measured = records[1:]  # the first after the burst has no X-Client-Prev yet
+    uplink_diffs: list[float] = []
+    rtts: list[float] = []
+    outside = 0
+    for record in measured:
+        attrs = servers[record["traceId"]].attributes
+        assert attrs["latency.status"] == "ok", (attrs, record)
+        assert attrs["latency.trust"] == "server_bounded"
+        # The uplink counts from fetch(): the injected 25 ms plus the browser's
+        # own wait before the request left (Resource Timing requestStart −
+        # startTime, DESIGN §6), within the error the gateway reported.
+        diff = attrs["latency.uplink_ms"] - (25.0 + record["pre"])
+        outside += abs(diff) > attrs["latency.uplink_error_ms"]
+        uplink_diffs.append(diff)
+        rtts.append(attrs["latency.rtt_ms"])
+        ACCURACY.append(
+            f"skew={skew_ms:>10.0f}  path=25/25  pre={record['pre']:6.2f}  "
+            f"uplink={attrs['latency.uplink_ms']:7.2f}  (−pre−25: {diff:+5.2f})  "
+            f"rtt={attrs['latency.rtt_ms']:6.2f}  ±{attrs['latency.uplink_error_ms']:.1f}"
+        )
+    # On a 2-core machine shared with Chromium, one request in a few may be
+    # held up by the scheduler; the typical request is what the figures claim.
+    assert outside <= 1, ACCURACY[-5:]
+    assert statistics.median(uplink_diffs) == pytest.approx(0.0, abs=4.0), ACCURACY[-3:]
+    assert statistics.median(rtts) == pytest.approx(50.0, abs=5.0), ACCURACY[-3:]
+    browsers = await _browser_spans(stack, records)
+    for record in records:
+        server, browser = servers[record["traceId"]], browsers[record["traceId"]]
+        # The browser span (its id is the one the page sent in traceparent) is
+        # the parent of the gateway's, and starts before it in server time.
+        assert server.parent_span_id == browser.span_id == record["spanId"]
+        assert browser.kind == CLIENT
+        assert browser.start_ns < server.start_ns
+        assert browser.end_ns >= server.end_ns - 1_000_000
+        # All services share the trace.
+        services = {s.service for s in stack.spans({record["traceId"]})}
+        assert services == {"browser", "gateway", "backend"}
+
+
+async def test_asymmetric_path_estimate_stays_within_the_round_trip(stack_factory: Any) -> None:
+    stack: Stack = await stack_factory(40, 10, 0.0)
+    await _click_sequentially(stack.page, "#reload", 6)
+    records = await _requests_settled(stack.page, 6)
+    servers = _gateway_servers(stack, records)
+    rtts = []
+    for record in records[1:]:
+        attrs = servers[record["traceId"]].attributes
+        assert attrs["latency.status"] == "ok"
+        rtt = attrs["latency.rtt_ms"]
+        rtts.append(rtt)
+        uplink = attrs["latency.uplink_ms"] - record["pre"]
+        # No two-way exchange can split 40/10: the estimate is centred on
+        # rtt/2 and always within [0, rtt] (DESIGN §6, the physics note).
+        assert 0.0 <= uplink <= rtt, (attrs, record)
+        ACCURACY.append(
+            f"skew=         0  path=40/10  pre={record['pre']:6.2f}  "
+            f"uplink={attrs['latency.uplink_ms']:7.2f}  rtt={rtt:6.2f}  {attrs['latency.status']}"
+        )
+    assert statistics.median(rtts) == pytest.approx(50.0, abs=5.0), ACCURACY[-5:]
+
+
+async def test_burst_of_identical_requests_are_each_matched(stack_factory: Any) -> None:
+    stack: Stack = await stack_factory(5, 5, 0.0)
+    await stack.page.click("#burst")
+    records = await _requests_settled(stack.page, 8)
+    assert len({r["traceId"] for r in records}) == 8
+    servers = _gateway_servers(stack, records)
+    for record in records:
+        # Matched to its own Resource Timing entry: the gw figure agrees.
+        attrs = servers[record["traceId"]].attributes
+        assert record["gw"] == pytest.approx(attrs["latency.gateway_ms"], abs=0.01)
+
+
+async def test_a_throwing_snippet_leaves_the_page_request_untouched(
+    browser: Browser, backend_proc: Process, receiver: OtlpReceiver
+) -> None:
+    demo_port = free_port()
+    with ExitStack() as stack:
+        base = start_gateway(stack, backend_proc, receiver, f"http://127.0.0.1:{demo_port}")
+        demo = stack.enter_context(DemoThread(base, port=demo_port))
+        context = await browser.new_context()
+        # What the snippet relies on throws: random ids, header building.
+        await context.add_init_script(
+            "crypto.getRandomValues = () => { throw new Error('forced'); };"
+            "Headers.prototype.set = function () { throw new Error('forced'); };"
+        )
+        page = await context.new_page()
+        await page.goto(demo.url)
+        result = await page.evaluate(
+            f"fetch('{base}/api/echo', {{method: 'POST', body: 'hello', "
+            "headers: {'Content-Type': 'text/plain', 'X-Page': 'own'}})"
+            ".then(r => r.json())"
+        )
+        await context.close()
+    assert result["method"] == "POST"
+    assert result["body_bytes"] == 5
+    names = {name.lower(): value for name, value in result["headers"]}
+    assert names["x-page"] == "own"
+    assert names["content-type"] == "text/plain"
+
+
+async def test_non_allowlisted_origin_gets_no_headers_and_no_exposure(
+    browser: Browser, backend_proc: Process, receiver: OtlpReceiver
+) -> None:
+    with ExitStack() as stack:
+        base = start_gateway(stack, backend_proc, receiver, "http://localhost:1")
+        demo = stack.enter_context(DemoThread(base))
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(demo.url)
+        # The snippet's clock request fails CORS: it must inject nothing, so
+        # the page's fetch stays a simple request (no preflight).
+        await page.wait_for_function("window.LatencyGateway !== undefined")
+        marker = "/api/echo/non-allowlisted"
+        outcome = await page.evaluate(
+            f"fetch('{base}{marker}').then(r => 'read', e => 'blocked: ' + e)"
+        )
+        await context.close()
+    assert outcome.startswith("blocked")  # neither the backend nor we grant CORS
+    spans = receiver.wait_for(
+        lambda spans: any(s.attributes.get("url.path") == marker for s in spans)
+    )
+    [server] = [
+        s for s in spans if s.service == "gateway" and s.attributes.get("url.path") == marker
+    ]
+    assert server.attributes["gateway.context.source"] == "none"  # no traceparent injected
+    assert server.attributes["latency.status"] == "absent"  # no X-Client-* injected
+
+
+def test_print_browser_accuracy_table() -> None:
+    """Prints the measured rows (run with -s) for the issue note."""
+    for row in ACCURACY:
+        print(row)

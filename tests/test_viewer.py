@@ -1,0 +1,1010 @@
+"""The local trace viewer (``gateway/viewer/``): OTLP/HTTP receiver, store,
+web UI, CLI and report, against real servers on loopback ports, the real
+OTel exporter, real SQLite files and real Chromium.
+
+Spec references: OTLP/HTTP (https://opentelemetry.io/docs/specs/otlp/#otlphttp)
+for encodings, status codes and the JSON hex-id rule; DESIGN §2 for the
+route definition and the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from google.protobuf import json_format
+from google.rpc import status_pb2
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from playwright.async_api import async_playwright
+
+from gateway.viewer import otlp
+from gateway.viewer.app import create_app
+from gateway.viewer.cli import ServeConfig, UsageError, report_config, serve_config
+from gateway.viewer.report import percentile, route_stats
+from gateway.viewer.spans import SpanRecord, waterfall
+from gateway.viewer.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+MS = 1_000_000
+T = TypeVar("T")
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+async def poll(
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout_s: float = 20
+) -> T:
+    """``probe()`` until ``ok(result)``, with a deadline (no bare sleeps)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await probe()
+        if ok(result):
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition never held; last result: {result!r}")
+        await asyncio.sleep(0.05)
+
+
+def record(
+    trace_no: int,
+    span_no: int,
+    *,
+    parent_no: int | None = None,
+    service: str = "backend",
+    name: str = "span",
+    kind: int = 1,
+    start_ns: int,
+    duration_ns: int = MS,
+    attributes: dict[str, Any] | None = None,
+) -> SpanRecord:
+    return SpanRecord(
+        trace_id=f"{trace_no + 1:032x}",
+        span_id=f"{span_no + 1:016x}",
+        parent_span_id="" if parent_no is None else f"{parent_no + 1:016x}",
+        service=service,
+        name=name,
+        kind=kind,
+        start_ns=start_ns,
+        end_ns=start_ns + duration_ns,
+        status_code=0,
+        status_message="",
+        attributes=attributes or {},
+        events=[],
+    )
+
+
+def synthetic_trace(
+    trace_no: int,
+    *,
+    start_ns: int,
+    route: str | None = "/api/activities/home",
+    uplink_ms: float = 25.3,
+    rtt_ms: float = 51.2,
+    gateway_ms: float = 3.1,
+    backend_ms: float = 24.0,
+    status: str = "ok",
+) -> list[SpanRecord]:
+    """What one browser request through the gateway exports: browser CLIENT
+    → gateway SERVER → gateway CLIENT → backend SERVER → mock-data, on the
+    gateway's clock (the browser span starts one uplink before the gateway's)."""
+    up_ns = int(uplink_ms * MS)
+    be_ns = int(backend_ms * MS)
+    gw_start = start_ns + up_ns
+    latency = {
+        "latency.status": status,
+        "latency.reason": "bounded" if status == "ok" else "clock_rate",
+        "latency.rtt_ms": rtt_ms,
+        "latency.gateway_ms": gateway_ms,
+    }
+    if status == "ok":
+        latency |= {"latency.uplink_ms": uplink_ms, "latency.trust": "server_bounded"}
+    method = "GET " + route if route else "GET"
+    spans = [
+        record(trace_no, 0, service="browser", name=method, kind=3, start_ns=start_ns,
+               duration_ns=up_ns + be_ns + 8 * MS + up_ns),
+        record(trace_no, 1, parent_no=0, service="gateway", name=method, kind=2,
+               start_ns=gw_start, duration_ns=be_ns + 6 * MS, attributes=latency),
+        record(trace_no, 2, parent_no=1, service="gateway", name="GET", kind=3,
+               start_ns=gw_start + 1 * MS, duration_ns=be_ns + 4 * MS),
+    ]  # fmt: skip
+    if route is not None:
+        spans += [
+            record(trace_no, 3, parent_no=2, service="backend", name=method, kind=2,
+                   start_ns=gw_start + 2 * MS, duration_ns=be_ns,
+                   attributes={"http.route": route}),
+            record(trace_no, 4, parent_no=3, service="backend", name="mock-data",
+                   start_ns=gw_start + 3 * MS, duration_ns=be_ns // 2),
+        ]  # fmt: skip
+    return spans
+
+
+def proto_request(spans: list[SpanRecord]) -> ExportTraceServiceRequest:
+    """An export request as an SDK would build it: one resource per service."""
+    message = ExportTraceServiceRequest()
+    for service in dict.fromkeys(s.service for s in spans):
+        resource_spans = message.resource_spans.add()
+        resource_spans.resource.attributes.append(
+            KeyValue(key="service.name", value=AnyValue(string_value=service))
+        )
+        scope = resource_spans.scope_spans.add()
+        for s in (s for s in spans if s.service == service):
+            proto = ProtoSpan(
+                trace_id=bytes.fromhex(s.trace_id),
+                span_id=bytes.fromhex(s.span_id),
+                parent_span_id=bytes.fromhex(s.parent_span_id),
+                name=s.name,
+                kind=s.kind,  # type: ignore[arg-type]  # an int is what the wire carries
+                start_time_unix_nano=s.start_ns,
+                end_time_unix_nano=s.end_ns,
+            )
+            for key, value in s.attributes.items():
+                any_value = (
+                    AnyValue(string_value=value)
+                    if isinstance(value, str)
+                    else AnyValue(double_value=value)
+                )
+                proto.attributes.append(KeyValue(key=key, value=any_value))
+            scope.spans.append(proto)
+    return message
+
+
+def seed(store: Store, now_ns: int) -> str:
+    """Traces for three routes: ``/api/activities/home`` ten minutes ago,
+    ``/api/slow`` five, and two in the last ten seconds (one ``implausible``
+    on the home route, one with no backend span). Returns the id of the
+    first home trace (uplink 25.3 ms, backend 20 ms)."""
+    home_uplinks = [25.3, 21.0, 22.5, 23.1, 24.0, 26.2, 27.9, 31.4, 48.0]
+    batch: list[SpanRecord] = []
+    for i, uplink in enumerate(home_uplinks):
+        batch += synthetic_trace(i, start_ns=now_ns - (600 - i) * 1000 * MS, uplink_ms=uplink,
+                                 rtt_ms=40 + i * 2.5, backend_ms=20 + i)  # fmt: skip
+    for i in range(4):
+        batch += synthetic_trace(20 + i, start_ns=now_ns - (300 - i) * 1000 * MS,
+                                 route="/api/slow", uplink_ms=60 + i * 30, rtt_ms=130 + i,
+                                 backend_ms=250 + i * 10)  # fmt: skip
+    batch += synthetic_trace(30, start_ns=now_ns - 10_000 * MS, status="implausible", uplink_ms=1)
+    batch += synthetic_trace(31, start_ns=now_ns - 5_000 * MS, route=None)
+    store.insert(batch)
+    return f"{1:032x}"
+
+
+@dataclass
+class ViewerServer:
+    url: str
+    store: Store
+
+
+@pytest.fixture
+async def viewer(tmp_path: Path) -> AsyncIterator[ViewerServer]:
+    store = Store(tmp_path / "traces.db")
+    server = TestServer(create_app(store), host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        yield ViewerServer(str(server.make_url("")).rstrip("/"), store)
+    finally:
+        await server.close()
+        store.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(
+        auto_decompress=False, timeout=aiohttp.ClientTimeout(total=60)
+    ) as session:
+        yield session
+
+
+async def get_json(client: aiohttp.ClientSession, url: str) -> Any:
+    async with client.get(url) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def get_text(client: aiohttp.ClientSession, url: str, status: int = 200) -> str:
+    async with client.get(url) as response:
+        assert response.status == status
+        return await response.text()
+
+
+# -- ingest through the real OTel exporter ---------------------------------------
+
+
+def export_three_services(endpoint: str) -> dict[str, str]:
+    """browser CLIENT → gateway SERVER → backend SERVER, each service with its
+    own TracerProvider and OTLP exporter, as three processes would have.
+    Times are explicit so the waterfall maths is exact: 0–60, 25–55, 28–52 ms."""
+    providers = {}
+    for service in ("browser", "gateway", "backend"):
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        providers[service] = provider
+    base = time.time_ns() - 1000 * MS
+    browser = (
+        providers["browser"]
+        .get_tracer("test")
+        .start_span("GET /api/activities/home", kind=trace.SpanKind.CLIENT, start_time=base)
+    )
+    gateway = (
+        providers["gateway"]
+        .get_tracer("test")
+        .start_span(
+            "GET /api/activities/home",
+            context=trace.set_span_in_context(browser),
+            kind=trace.SpanKind.SERVER,
+            start_time=base + 25 * MS,
+            attributes={
+                "latency.status": "ok",
+                "latency.trust": "server_bounded",
+                "latency.uplink_ms": 25.3,
+                "latency.rtt_ms": 51.2,
+                "latency.gateway_ms": 3.1,
+            },
+        )
+    )
+    backend = (
+        providers["backend"]
+        .get_tracer("test")
+        .start_span(
+            "GET /api/activities/home",
+            context=trace.set_span_in_context(gateway),
+            kind=trace.SpanKind.SERVER,
+            start_time=base + 28 * MS,
+            attributes={"http.route": "/api/activities/home"},
+        )
+    )
+    backend.end(end_time=base + 52 * MS)
+    gateway.end(end_time=base + 55 * MS)
+    browser.end(end_time=base + 60 * MS)
+    for provider in providers.values():
+        provider.shutdown()
+    return {
+        "trace": f"{browser.get_span_context().trace_id:032x}",
+        "browser": f"{browser.get_span_context().span_id:016x}",
+        "gateway": f"{gateway.get_span_context().span_id:016x}",
+        "backend": f"{backend.get_span_context().span_id:016x}",
+    }
+
+
+async def test_real_exporter_spans_show_with_parentage_and_numbers(
+    viewer: ViewerServer, client: aiohttp.ClientSession
+) -> None:
+    # The exporter posts from this thread while the loop serves the viewer.
+    ids = await asyncio.to_thread(export_three_services, f"{viewer.url}/v1/traces")
+
+    listing = await poll(
+        lambda: get_json(client, f"{viewer.url}/api/traces"),
+        lambda doc: bool(doc["traces"]) and doc["traces"][0]["span_count"] == 3,
+    )
+    (summary,) = listing["traces"]
+    assert summary["trace_id"] == ids["trace"]
+    assert summary["root_service"] == "browser"
+    assert summary["services"] == ["browser", "gateway", "backend"]
+    assert summary["latency_status"] == "ok"
+    assert summary["uplink_ms"] == 25.3
+    assert summary["duration_ms"] == 60.0
+
+    doc = await get_json(client, f"{viewer.url}/api/traces/{ids['trace']}")
+    spans = doc["spans"]
+    assert [s["service"] for s in spans] == ["browser", "gateway", "backend"]
+    assert [s["span_id"] for s in spans] == [ids["browser"], ids["gateway"], ids["backend"]]
+    assert [s["parent_span_id"] for s in spans] == ["", ids["browser"], ids["gateway"]]
+    assert [s["kind"] for s in spans] == ["client", "server", "server"]
+    assert [s["depth"] for s in spans] == [0, 1, 2]
+    assert [(s["offset_pct"], s["width_pct"]) for s in spans] == [
+        (0.0, 100.0),
+        (41.667, 50.0),
+        (46.667, 40.0),
+    ]
+    assert doc["gateway"]["span_id"] == ids["gateway"]
+    assert doc["gateway"]["latency"]["latency.rtt_ms"] == 51.2
+
+    page = await get_text(client, f"{viewer.url}/traces/{ids['trace']}")
+    rows = re.findall(
+        r'<div class="span-row (svc-\w+)" data-span-id="(\w+)" data-depth="(\d)"', page
+    )
+    assert rows == [
+        ("svc-browser", ids["browser"], "0"),
+        ("svc-gateway", ids["gateway"], "1"),
+        ("svc-backend", ids["backend"], "2"),
+    ]
+    assert 'style="margin-left:41.667%;width:50.000%"' in page
+    assert re.search(r'data-key="latency.uplink_ms">.*?<td class="num">25.3</td>', page)
+    assert '<span class="verdict verdict-ok">ok</span>' in page
+
+    index = await get_text(client, f"{viewer.url}/")
+    assert f'href="/traces/{ids["trace"]}"' in index
+    assert "verdict-ok" in index
+    assert '<td class="num uplink">25.3</td>' in index
+
+    (route,) = (await get_json(client, f"{viewer.url}/api/latency"))["routes"]
+    assert route["route"] == "/api/activities/home"
+    assert route["count"] == 1
+    assert [route[m]["p50"] for m in ("rtt_ms", "uplink_ms", "gateway_ms", "backend_ms")] == [
+        51.2,
+        25.3,
+        3.1,
+        24.0,
+    ]
+
+
+# -- encodings and OTLP/HTTP answers ----------------------------------------------------
+
+JSON_TRACE = "5B8EFFF798038103D269B633813FC60C"  # upper case: hex is case-insensitive
+
+
+def otlp_json(start_ns: int) -> dict[str, Any]:
+    """OTLP/JSON as the spec writes it: hex ids, enums as numbers, 64-bit
+    integers as strings."""
+    return {
+        "resourceSpans": [
+            {
+                "resource": {
+                    "attributes": [{"key": "service.name", "value": {"stringValue": "gateway"}}]
+                },
+                "scopeSpans": [
+                    {
+                        "scope": {"name": "hand-written"},
+                        "spans": [
+                            {
+                                "traceId": JSON_TRACE,
+                                "spanId": "eee19b7ec3c1b174",
+                                "parentSpanId": "eee19b7ec3c1b173",
+                                "name": "GET /json",
+                                "kind": 2,
+                                "startTimeUnixNano": str(start_ns),
+                                "endTimeUnixNano": str(start_ns + 5 * MS),
+                                "attributes": [
+                                    {"key": "latency.status", "value": {"stringValue": "ok"}},
+                                    {"key": "latency.uplink_ms", "value": {"doubleValue": 12.5}},
+                                    {
+                                        "key": "http.response.status_code",
+                                        "value": {"intValue": "502"},
+                                    },
+                                ],
+                                "events": [{"timeUnixNano": str(start_ns + MS), "name": "retry"}],
+                                "status": {"code": 2, "message": "upstream unreachable"},
+                                "futureField": "ignored, as the spec requires",
+                            }
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
+
+
+async def post(
+    client: aiohttp.ClientSession,
+    url: str,
+    body: Any,
+    content_type: str,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, str, bytes, Any]:
+    if isinstance(body, bytes):
+        body = io.BytesIO(body)  # aiohttp warns about large raw bytes bodies
+    async with client.post(
+        f"{url}/v1/traces", data=body, headers={"Content-Type": content_type, **(headers or {})}
+    ) as response:
+        return response.status, response.content_type, await response.read(), response.headers
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+async def test_json_encoding_with_hex_ids(
+    viewer: ViewerServer, client: aiohttp.ClientSession, compress: bool
+) -> None:
+    body = json.dumps(otlp_json(time.time_ns())).encode()
+    headers = {"Content-Encoding": "gzip"} if compress else {}
+    status, ctype, answer, _ = await post(
+        client, viewer.url, gzip.compress(body) if compress else body, "application/json", headers
+    )
+    # OTLP/HTTP: the response is an ExportTraceServiceResponse in the request's encoding.
+    assert (status, ctype, json.loads(answer)) == (200, "application/json", {})
+    doc = await get_json(client, f"{viewer.url}/api/traces/{JSON_TRACE.lower()}")
+    (span,) = doc["spans"]
+    # Read as base64 instead of hex, these ids would come out as other bytes.
+    assert (span["span_id"], span["parent_span_id"]) == ("eee19b7ec3c1b174", "eee19b7ec3c1b173")
+    assert span["service"] == "gateway"
+    assert span["kind"] == "server"
+    assert span["attributes"] == {
+        "latency.status": "ok",
+        "latency.uplink_ms": 12.5,
+        "http.response.status_code": 502,
+    }
+    assert (span["status_code"], span["status_message"]) == ("error", "upstream unreachable")
+    assert span["events"][0]["name"] == "retry"
+    assert span["duration_ms"] == 5.0
+
+
+async def test_gzip_protobuf_is_stored(viewer: ViewerServer, client: aiohttp.ClientSession) -> None:
+    spans = synthetic_trace(7, start_ns=time.time_ns())
+    body = gzip.compress(proto_request(spans).SerializeToString())
+    status, ctype, answer, _ = await post(
+        client, viewer.url, body, "application/x-protobuf", {"Content-Encoding": "gzip"}
+    )
+    assert (status, ctype) == (200, "application/x-protobuf")
+    response = ExportTraceServiceResponse()
+    response.ParseFromString(answer)
+    assert not response.HasField("partial_success")
+    doc = await get_json(client, f"{viewer.url}/api/traces/{spans[0].trace_id}")
+    assert [s["span_id"] for s in doc["spans"]] == [s.span_id for s in spans]
+
+
+async def test_resent_batch_does_not_duplicate_and_bad_ids_are_partial_success(
+    viewer: ViewerServer, client: aiohttp.ClientSession
+) -> None:
+    good = synthetic_trace(3, start_ns=time.time_ns())
+    message = proto_request(good)
+    bad = message.resource_spans[0].scope_spans[0].spans.add()
+    bad.CopyFrom(message.resource_spans[0].scope_spans[0].spans[0])
+    bad.trace_id = bytes(16)  # all zeros: invalid (OTLP trace.proto)
+    for _ in range(2):
+        status, _, answer, _ = await post(
+            client, viewer.url, message.SerializeToString(), "application/x-protobuf"
+        )
+        assert status == 200
+        response = ExportTraceServiceResponse()
+        response.ParseFromString(answer)
+        assert response.partial_success.rejected_spans == 1
+        assert "trace_id" in response.partial_success.error_message
+    assert await asyncio.to_thread(viewer.store.count) == len(good)
+
+
+def gzip_bomb() -> bytes:
+    """17 MiB of zeros in about 17 KiB: over the 16 MiB decompressed cap."""
+    return gzip.compress(bytes(17 * 1024 * 1024), compresslevel=9)
+
+
+REJECTIONS = [
+    # (id, content type, body, extra headers, status)
+    pytest.param("text/plain", b"hello", {}, 415, id="415-text-plain"),
+    pytest.param("application/x-protobuf", b"x", {"Content-Encoding": "br"}, 415, id="415-br"),
+    pytest.param("application/x-protobuf", b"\xff\xff\xff\xff\xff", {}, 400, id="400-protobuf"),
+    pytest.param("application/json", b"{not json", {}, 400, id="400-json"),
+    pytest.param("application/json", b"[1, 2]", {}, 400, id="400-json-not-object"),
+    pytest.param(
+        "application/json",
+        b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"xyz"}]}]}]}',
+        {},
+        400,
+        id="400-json-bad-hex",
+    ),
+    pytest.param("application/json", b'{"resourceSpans": 5}', {}, 400, id="400-json-wrong-shape"),
+    pytest.param(
+        "application/x-protobuf",
+        gzip.compress(b"abc")[:-6],
+        {"Content-Encoding": "gzip"},
+        400,
+        id="400-truncated-gzip",
+    ),
+    pytest.param(
+        "application/x-protobuf", b"\x00" * 20, {"Content-Encoding": "gzip"}, 400, id="400-not-gzip"
+    ),
+    pytest.param(
+        "application/x-protobuf",
+        bytes(otlp.MAX_BODY_BYTES + 1),
+        {},
+        413,
+        id="413-declared-length",
+    ),
+    pytest.param(
+        "application/x-protobuf", gzip_bomb(), {"Content-Encoding": "gzip"}, 413, id="413-gzip-bomb"
+    ),
+]
+
+
+@pytest.mark.parametrize(("content_type", "body", "headers", "status"), REJECTIONS)
+async def test_bad_exports_are_refused_and_stored_spans_survive(
+    viewer: ViewerServer,
+    client: aiohttp.ClientSession,
+    content_type: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    kept = synthetic_trace(1, start_ns=time.time_ns())
+    code, _, _, _ = await post(
+        client, viewer.url, proto_request(kept).SerializeToString(), "application/x-protobuf"
+    )
+    assert code == 200
+
+    code, ctype, answer, _ = await post(client, viewer.url, body, content_type, headers)
+    assert code == status
+    # OTLP/HTTP: error bodies are a google.rpc.Status in the request's
+    # encoding (JSON when the encoding itself is what was refused).
+    message = status_pb2.Status()
+    if ctype == "application/x-protobuf":
+        message.ParseFromString(answer)
+    else:
+        assert ctype == "application/json"
+        json_format.Parse(answer, message)
+    assert message.message
+
+    assert await asyncio.to_thread(viewer.store.count) == len(kept)
+    doc = await get_json(client, f"{viewer.url}/api/traces/{kept[0].trace_id}")
+    assert len(doc["spans"]) == len(kept)
+
+
+async def test_chunked_body_over_the_limit_is_413_without_reading_it_all(
+    tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        while sent < 64 * 1024 * 1024:  # bounded, far over the limit
+            sent += 64 * 1024
+            yield bytes(64 * 1024)
+
+    with Store(tmp_path / "t.db") as store:
+        server = TestServer(create_app(store, max_body_bytes=256 * 1024), host="127.0.0.1", port=0)
+        await server.start_server()
+        try:
+            try:
+                async with client.post(
+                    server.make_url("/v1/traces"),
+                    data=endless(),
+                    headers={"Content-Type": "application/x-protobuf"},
+                ) as response:
+                    assert response.status == 413
+            except aiohttp.ClientOSError:
+                pass  # the server may close while we still send: also a refusal
+            assert sent < 64 * 1024 * 1024
+        finally:
+            await server.close()
+
+
+async def test_store_failure_is_503_retryable(
+    viewer: ViewerServer, client: aiohttp.ClientSession
+) -> None:
+    await asyncio.to_thread(viewer.store.close)
+    body = proto_request(synthetic_trace(2, start_ns=time.time_ns())).SerializeToString()
+    code, _, _, headers = await post(client, viewer.url, body, "application/x-protobuf")
+    assert code == 503  # OTLP/HTTP: retryable, the exporter sends the batch again
+    assert headers["Retry-After"] == "1"
+
+
+# -- the web UI ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "trace_id",
+    ["0" * 32, "zz" * 16, "abc", "f" * 33, "0123456789abcdef0123456789abcdef"],
+    ids=["all-zero", "not-hex", "short", "long", "unknown"],
+)
+async def test_unknown_or_malformed_trace_is_404(
+    viewer: ViewerServer, client: aiohttp.ClientSession, trace_id: str
+) -> None:
+    await asyncio.to_thread(seed, viewer.store, time.time_ns())
+    page = await get_text(client, f"{viewer.url}/traces/{trace_id}", status=404)
+    assert "Not found" in page
+    async with client.get(f"{viewer.url}/api/traces/{trace_id}") as response:
+        assert response.status == 404
+        assert "error" in await response.json()
+
+
+async def test_span_data_is_escaped(viewer: ViewerServer, client: aiohttp.ClientSession) -> None:
+    evil = '<img src=x onerror="alert(1)">'
+    spans = [
+        record(40, 0, service=evil, name=evil, start_ns=time.time_ns(), attributes={"x": evil})
+    ]
+    await asyncio.to_thread(viewer.store.insert, spans)
+    for path in ("/", f"/traces/{spans[0].trace_id}"):
+        async with client.get(viewer.url + path) as response:
+            page = await response.text()
+            assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+        assert "<img" not in page
+        assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
+
+
+async def test_latency_page_and_api_per_route(
+    viewer: ViewerServer, client: aiohttp.ClientSession
+) -> None:
+    await asyncio.to_thread(seed, viewer.store, time.time_ns())
+    routes = {
+        r["route"]: r for r in (await get_json(client, f"{viewer.url}/api/latency"))["routes"]
+    }
+    assert set(routes) == {"/api/activities/home", "/api/slow", "GET"}
+    home = routes["/api/activities/home"]
+    assert home["count"] == 10  # 9 ok + 1 implausible
+    # Nearest rank over the 9 ok uplinks: the 5th smallest.
+    assert (home["uplink_ms"]["count"], home["uplink_ms"]["p50"]) == (9, 25.3)
+    assert home["uplink_ms"]["p99"] == 48.0
+    assert home["rtt_ms"]["count"] == 10
+    assert sum(b["count"] for b in home["uplink_histogram"]) == 9
+    assert routes["GET"]["backend_ms"]["count"] == 0  # no backend span: the gateway's name
+
+    page = await get_text(client, f"{viewer.url}/latency")
+    row = re.search(r'<tr data-route="/api/activities/home">(.*?)</tr>', page)
+    assert row is not None
+    assert '<td class="num p50-uplink">25.3</td>' in row.group(1)
+    assert '<td class="num n-uplink">9</td>' in row.group(1)
+
+    recent = await get_json(client, f"{viewer.url}/api/latency?since_minutes=1")
+    assert {r["route"] for r in recent["routes"]} == {"GET", "/api/activities/home"}
+    async with client.get(f"{viewer.url}/latency?since_minutes=soon") as response:
+        assert response.status == 400
+
+
+async def test_recent_traces_newest_first_and_limited(
+    viewer: ViewerServer, client: aiohttp.ClientSession
+) -> None:
+    empty = await get_text(client, f"{viewer.url}/")
+    assert "No traces yet" in empty
+    await asyncio.to_thread(seed, viewer.store, time.time_ns())
+    traces = (await get_json(client, f"{viewer.url}/api/traces?limit=3"))["traces"]
+    assert [t["trace_id"] for t in traces] == [f"{32:032x}", f"{31:032x}", f"{24:032x}"]
+    assert traces[1]["latency_status"] == "implausible"
+    assert traces[1]["uplink_ms"] is None
+
+
+def test_waterfall_tree_siblings_orphans_and_cycles() -> None:
+    def span(n: int, parent: int | None, start_ms: int, end_ms: int) -> SpanRecord:
+        return record(0, n, parent_no=parent, start_ns=start_ms * MS,
+                      duration_ns=(end_ms - start_ms) * MS)  # fmt: skip
+
+    spans = [
+        span(1, 0, 50, 60),  # child of the root, starts later
+        span(0, None, 0, 100),  # root
+        span(2, 0, 10, 20),  # child of the root, starts first
+        span(3, 9, 5, 8),  # orphan: its parent never arrived
+        span(4, 5, 30, 40),  # a parent cycle, 4 ↔ 5
+        span(5, 4, 35, 45),
+    ]
+    shape = waterfall(f"{1:032x}", spans)
+    order = [(row.span.span_id[-1], row.depth) for row in shape.rows]
+    assert order == [("1", 0), ("3", 1), ("2", 1), ("4", 0), ("5", 0), ("6", 1)]
+    assert [(row.offset_pct, row.width_pct) for row in shape.rows][:3] == [
+        (0.0, 100.0),
+        (10.0, 10.0),
+        (50.0, 10.0),
+    ]
+    (instant,) = waterfall("t", [span(0, None, 7, 7)]).rows
+    assert (instant.offset_pct, instant.width_pct) == (0.0, 100.0)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [15.0, 20.0, 35.0, 40.0, 50.0]
+    assert [percentile(values, p) for p in (5, 30, 40, 50, 100)] == [15, 20, 20, 35, 50]
+    assert percentile([], 50) is None
+
+
+def test_route_falls_back_to_the_gateway_span_name() -> None:
+    stats = route_stats([synthetic_trace(0, start_ns=0, route=None)])
+    assert [(s.route, s.count, s.gateway_ms.p50) for s in stats] == [("GET", 1, 3.1)]
+
+
+# -- the store ----------------------------------------------------------------------------
+
+
+def test_retention_by_count_keeps_the_newest(tmp_path: Path) -> None:
+    now = time.time_ns()
+    with Store(tmp_path / "t.db", max_spans=50) as store:
+        for batch in range(15):  # 150 spans, 3 × max_spans
+            store.insert(
+                [record(0, batch * 10 + i, start_ns=now + (batch * 10 + i) * MS) for i in range(10)]
+            )
+            assert store.count() <= 50
+        assert 45 <= store.count() <= 50
+        ids = {s.span_id for s in store.trace(f"{1:032x}")}
+        assert f"{150:016x}" in ids  # the newest
+        assert f"{1:016x}" not in ids  # the oldest
+
+
+def test_retention_by_age_and_no_duplicates(tmp_path: Path) -> None:
+    now = [time.time_ns()]
+    hour = 3600 * 1000 * MS
+    with Store(tmp_path / "t.db", max_age_s=3600, clock_ns=lambda: now[0]) as store:
+        old = [record(1, i, start_ns=now[0] - 2 * hour + i) for i in range(5)]
+        fresh = [record(2, i, start_ns=now[0] - hour // 2 + i) for i in range(5)]
+        assert store.insert(old + fresh) == 10
+        assert store.count() == 5  # the old ones pruned in the same commit
+        assert store.insert(fresh) == 0  # a re-sent batch adds nothing
+        assert store.count() == 5
+        assert store.trace(old[0].trace_id) == []
+        now[0] += hour
+        assert store.prune() == 5
+        assert store.count() == 0
+
+
+WRITER = """
+import sys, time
+from gateway.viewer.spans import SpanRecord, waterfall
+from gateway.viewer.store import Store
+with Store(sys.argv[1]) as store:
+    for batch in range(20):
+        store.insert([SpanRecord(f"{9999:032x}", f"{batch * 50 + i + 1:016x}", "", "proc", "s",
+                                 1, time.time_ns(), time.time_ns(), 0, "", {}, [])
+                      for i in range(50)])
+"""
+
+
+def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    stores = [Store(path), Store(path)]
+    errors: list[BaseException] = []
+    now = time.time_ns()
+
+    def write(store: Store, writer: int) -> None:
+        try:
+            for batch in range(40):
+                store.insert(
+                    [
+                        record(writer, batch * 25 + i, start_ns=now + i, service=f"w{writer}")
+                        for i in range(25)
+                    ]
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    # Another process on the same file as well: separate locks, same rules.
+    other = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stderr=subprocess.PIPE
+    )
+    threads = [threading.Thread(target=write, args=(stores[n % 2], n)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    _, stderr = other.communicate(timeout=120)
+    for store in stores:
+        store.close()
+    assert not errors
+    assert other.returncode == 0, stderr.decode()
+    with Store(path) as reader:
+        assert reader.count() == 4 * 40 * 25 + 1000
+        for writer in range(4):
+            assert len(reader.trace(f"{writer + 1:032x}")) == 1000
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def viewer_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIEWER_")}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+async def test_cli_serves_accepts_a_post_and_stops_on_sigterm(
+    tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    db = tmp_path / "nested" / "dir" / "traces.db"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.viewer", "--port", "0", "--db", str(db),
+        cwd=tmp_path, env=viewer_env(VIEWER_PORT="not-used-flag-wins"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        match = re.fullmatch(
+            r"viewer listening on (http://127\.0\.0\.1:(\d+)) \(OTLP/HTTP: POST /v1/traces\)\n",
+            line,
+        )
+        assert match, line
+        assert int(match.group(2)) > 0
+        spans = synthetic_trace(5, start_ns=time.time_ns())
+        code, _, _, _ = await post(
+            client,
+            match.group(1),
+            proto_request(spans).SerializeToString(),
+            "application/x-protobuf",
+        )
+        assert code == 200
+        doc = await get_json(client, f"{match.group(1)}/api/traces")
+        assert doc["traces"][0]["trace_id"] == spans[0].trace_id
+        assert db.is_file()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    assert b"Traceback" not in stderr
+
+
+async def test_cli_defaults_to_dot_viewer_db_and_reads_env(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.viewer", cwd=tmp_path, env=viewer_env(VIEWER_PORT="0"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line.startswith("viewer listening on http://127.0.0.1:")
+        assert not line.startswith("viewer listening on http://127.0.0.1:4318 ")
+        assert (tmp_path / ".viewer" / "traces.db").is_file()
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await asyncio.wait_for(proc.communicate(), 20)
+
+
+def run_cli(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.viewer", *args],
+        cwd=cwd,
+        env=viewer_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--port", "abc"], {}, "--port"),
+        (["--port", "70000"], {}, "--port"),
+        ([], {"VIEWER_PORT": "abc"}, "VIEWER_PORT"),
+        (["--max-spans", "0"], {}, "--max-spans"),
+        (["--max-age-hours", "nan"], {}, "--max-age-hours"),
+        (["--bogus"], {}, "--bogus"),
+        (["report", "--since-minutes", "-5"], {}, "--since-minutes"),
+    ],
+)
+def test_cli_bad_value_is_one_line_and_exit_2(
+    args: list[str], env: dict[str, str], named: str
+) -> None:
+    result = run_cli(*args, **env)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("viewer: error: ")
+    assert named in lines[0]
+    assert lines[0].endswith("(see --help)")
+    assert result.stdout == ""
+
+
+def test_cli_help() -> None:
+    for args in (["--help"], ["report", "--help"]):
+        result = run_cli(*args)
+        assert result.returncode == 0
+        assert "VIEWER_DB" in result.stdout
+
+
+def test_flag_beats_env_beats_default() -> None:
+    assert serve_config({}, {}) == ServeConfig()
+    assert serve_config({}, {}).port == 4318
+    assert serve_config({}, {"VIEWER_PORT": "7000"}).port == 7000
+    assert serve_config({"port": "9000"}, {"VIEWER_PORT": "abc"}).port == 9000
+    assert serve_config({}, {"VIEWER_MAX_AGE_HOURS": "2"}).max_age_s == 7200
+    assert serve_config({"db": "x.db"}, {"VIEWER_DB": "y.db"}).db == Path("x.db")
+    assert report_config({}, {"VIEWER_SINCE_MINUTES": "15"}).since_minutes == 15
+    with pytest.raises(UsageError, match="VIEWER_HOST"):
+        serve_config({}, {"VIEWER_HOST": "  "})
+
+
+def test_report_prints_the_per_route_table(tmp_path: Path) -> None:
+    db = tmp_path / "traces.db"
+    with Store(db) as store:
+        seed(store, time.time_ns())
+    result = run_cli("report", "--db", str(db), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("route"))
+    home = next(line for line in lines if line.startswith("/api/activities/home"))
+    assert "uplink_ms p50/p95/p99" in header
+    # count 10, uplink n 9 with p50 25.3 / p95 48.0 / p99 48.0 (nearest rank)
+    assert re.search(r"\s10\s.*\s9\s+25\.3 / 48\.0 / 48\.0\s", home), home
+    # Aligned: every cell column starts where the header's does.
+    assert home.index("  10 ") + 4 == header.index("traces") + len("traces")
+
+    recent = run_cli("report", "--db", str(db), "--since-minutes", "1")
+    assert recent.returncode == 0
+    assert "/api/slow" not in recent.stdout
+    assert "/api/activities/home" in recent.stdout
+
+    missing = run_cli("report", "--db", str(tmp_path / "nope.db"))
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("viewer: error: no span store at")
+    assert not (tmp_path / "nope.db").exists()
+
+
+# -- real Chromium -------------------------------------------------------------------------
+
+
+async def test_waterfall_and_latency_pages_in_chromium(
+    viewer: ViewerServer, tmp_path: Path
+) -> None:
+    trace_id = await asyncio.to_thread(seed, viewer.store, time.time_ns())
+    shots = ROOT / "docs" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
+    shots.mkdir(exist_ok=True)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1100, "height": 700})
+            await page.goto(f"{viewer.url}/traces/{trace_id}")
+            bars = await page.eval_on_selector_all(
+                ".span-row",
+                """rows => rows.map(row => {
+                    const bar = row.querySelector('.bar').getBoundingClientRect();
+                    const track = row.querySelector('.track').getBoundingClientRect();
+                    return {service: [...row.classList].find(c => c.startsWith('svc-')),
+                            left: (bar.left - track.left) / track.width * 100,
+                            width: bar.width / track.width * 100,
+                            color: getComputedStyle(row.querySelector('.bar')).backgroundColor};
+                })""",
+            )
+            assert [b["service"] for b in bars] == [
+                "svc-browser",
+                "svc-gateway",
+                "svc-gateway",
+                "svc-backend",
+                "svc-backend",
+            ]
+            # The trace: browser 0–(2 × 25.3 + 20 + 8) ms, gateway from 25.3 ms
+            # for 20 + 6 ms (see synthetic_trace).
+            total = 2 * 25.3 + 20 + 8
+            expected = [(0, 100), (25.3 / total * 100, 26 / total * 100)]
+            for bar, (left, width) in zip(bars, expected, strict=False):
+                assert bar["left"] == pytest.approx(left, abs=0.3)
+                assert bar["width"] == pytest.approx(width, abs=0.3)
+            lefts = [b["left"] for b in bars]
+            assert lefts == sorted(lefts)
+            # Each child's bar lies within its parent's.
+            for parent, child in itertools.pairwise(bars):
+                assert child["left"] + child["width"] <= parent["left"] + parent["width"] + 0.3
+            assert len({b["color"] for b in bars}) == 3  # one colour per service
+            verdict = await page.text_content(".verdict")
+            assert verdict == "ok"
+            await page.screenshot(path=str(shots / "viewer-waterfall.png"))
+
+            await page.goto(f"{viewer.url}/latency")
+            home = 'tr[data-route="/api/activities/home"]'
+            assert await page.text_content(f"{home} td.p50-uplink") == "25.3"
+            assert await page.text_content(f"{home} td.p50-rtt") == "50.0"
+            assert await page.text_content(f"{home} td.p50-backend") == "24.0"
+            assert await page.text_content('tr[data-route="/api/slow"] td.p50-uplink') == "90.0"
+            hist = await page.eval_on_selector_all(
+                '.hist-route[data-route="/api/activities/home"] .hbar',
+                "bars => bars.map(b => b.getBoundingClientRect().height)",
+            )
+            assert max(hist) > 0
+            assert hist.index(max(hist)) == 3  # most uplinks in the 20–50 ms bin
+            await page.screenshot(path=str(shots / "viewer-latency.png"))
+        finally:
+            await browser.close()
+    assert (shots / "viewer-waterfall.png").stat().st_size > 1000
