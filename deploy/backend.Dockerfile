@@ -21,4 +21,4 @@ USER app
 EXPOSE 4567
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:4567/api/health', timeout=2)"]
-CMD ["gunicorn", "--bind", "0.0.0.0:4567", "--worker-class", "gthread", "--threads", "8", "--workers", "2", "backend.wsgi:app"]
+CMD ["gunicorn", "-c", "backend/gunicorn_conf.py", "backend.wsgi:app"]

@@ -27,6 +27,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import __version__
 from gateway.config import LOG_LEVELS, TRUST_MODES, ConfigError, GatewayConfig
@@ -126,6 +127,36 @@ def _setup_logging(level: str) -> None:
     # aiohttp's access log is a line per request at INFO: spans are our access
     # log, and the hot path logs nothing per request.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Malformed requests are answered 400 by aiohttp's parser, which also logs
+    # each one at ERROR with a traceback: a client could flood the log (and
+    # block the loop on a slow log sink). One summary line a minute instead.
+    logging.getLogger("aiohttp.server").addFilter(_BadRequestLogFilter(60.0))
+
+
+class _BadRequestLogFilter(logging.Filter):
+    """Turn aiohttp's per-request parse-error tracebacks into a periodic count."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._next_report = 0.0
+        self._count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self._count += 1
+        now = time.monotonic()
+        if now < self._next_report:
+            return False
+        record.msg = "rejected %d malformed request(s) with 400 (last: %s)"
+        record.args = (self._count, str(exc).splitlines()[0][:200])
+        record.exc_info = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self._count = 0
+        self._next_report = now + self._interval_s
+        return True
 
 
 def _check_bindable(host: str, port: int) -> None:

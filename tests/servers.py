@@ -77,6 +77,22 @@ class Process:
         if expect_listen:
             self.port = self._wait_listening(timeout_s)
         self.url = f"http://127.0.0.1:{self.port}"
+        # Keep reading both pipes: a child whose log fills an unread pipe
+        # blocks on its next write (and a blocked event loop serves no one).
+        self._stderr = bytearray()
+        self._drains = [
+            threading.Thread(target=self._drain, args=(stream, buf), daemon=True)
+            for stream, buf in ((self.proc.stdout, None), (self.proc.stderr, self._stderr))
+        ]
+        for thread in self._drains:
+            thread.start()
+
+    def _drain(self, stream: Any, buf: bytearray | None) -> None:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            if buf is None:
+                self.stdout += chunk
+            else:
+                buf.extend(chunk)
 
     def _wait_listening(self, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s
@@ -96,6 +112,10 @@ class Process:
                 break
         self.kill()
         err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+        self.proc.wait(timeout=10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
         raise RuntimeError(f"{self.proc.args} did not start: {self.stdout!r} {err}")
 
     def rss_kib(self) -> int:
@@ -115,11 +135,22 @@ class Process:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=timeout_s)
+            self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-            _, err = self.proc.communicate(timeout=5)
-        return self.proc.returncode, err.decode(errors="replace")
+            self.proc.wait(timeout=5)
+        self._join_drains()
+        return self.proc.returncode, self._stderr.decode(errors="replace")
+
+    def stderr_text(self) -> str:
+        return self._stderr.decode(errors="replace")
+
+    def _join_drains(self) -> None:
+        for thread in self._drains:
+            thread.join(timeout=5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
 
     def kill(self) -> None:
         for pid in _children(self.proc.pid):
@@ -134,7 +165,8 @@ class Process:
     def __exit__(self, *exc: Any) -> None:
         self.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.communicate(timeout=10)
+            self.proc.wait(timeout=10)
+        self._join_drains()
 
 
 def _children(pid: int) -> list[int]:

@@ -92,6 +92,7 @@ def test_compose_references_existing_files() -> None:
         assert "HEALTHCHECK" in text
     command = (ROOT / "deploy" / "backend.Dockerfile").read_text()
     assert "backend.wsgi:app" in command
+    assert "backend/gunicorn_conf.py" in command
     assert (ROOT / ".env.example").is_file()
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
 

@@ -168,7 +168,9 @@ async def test_uplink_within_3_ms_of_the_injected_delay_at_any_skew(
     assert statistics.median(diffs) == pytest.approx(0.0, abs=3.0), diffs
     # The previous request's round trip, reported (≈ 50 ms on this path).
     rtts = [s.attributes["latency.rtt_ms"] for s in servers if "latency.rtt_ms" in s.attributes]
-    assert statistics.median(rtts) == pytest.approx(50.0, abs=5.0)
+    # Never below the 50 ms the relay adds; a few ms above it is this test
+    # process's own event loop noticing the response.
+    assert 49.0 <= statistics.median(rtts) <= 58.0, rtts
     # No attribute anywhere holds the client's clock offset.
     if abs(skew_ms) >= 1_000:
         for span in spans:

@@ -7,7 +7,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.otlp_receiver import OtlpReceiver
-from tests.servers import Process, free_port
+from tests.servers import ROOT, Process, free_port
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
@@ -246,3 +250,49 @@ def test_thousand_idle_keepalive_connections_do_not_block_others(
         finally:
             for sock in idle:
                 sock.close()
+
+
+def test_backend_under_gunicorn_flushes_spans_when_its_workers_exit(
+    receiver: OtlpReceiver,
+) -> None:
+    """The production backend (docker-compose's command): the spans of a
+    request still queued in a worker reach the collector when gunicorn stops."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        # A schedule delay far longer than the test: only the exit flush sends.
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",
+        "BACKEND_BIND": f"127.0.0.1:{port}",
+        "BACKEND_WORKERS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "backend/gunicorn_conf.py", "backend.wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, _, _ = _get(port, "/api/activities/home")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "gunicorn did not start"
+                time.sleep(0.2)
+        assert status == 200
+        assert not [s for s in receiver.spans if s.service == "backend"]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    spans = receiver.wait_for(lambda s: any(x.name == "mock-data" for x in s), timeout_s=10)
+    assert {s.name for s in spans if s.service == "backend"} >= {
+        "GET /api/activities/home",
+        "mock-data",
+    }
