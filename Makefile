@@ -48,6 +48,9 @@ unit: $(VENV)/.dev chromium  ## the Python test suite only (no lint)
 
 test: lint js unit  ## lint + the snippet's tests + the whole Python suite (what CI runs)
 
+bench: $(VENV)/.dev chromium frontend-snippet/node_modules/.installed  ## benchmarks (~12 min): writes benchmarks/RESULTS.md
+	$(PY) benchmarks/run.py
+
 format: $(VENV)/.dev  ## apply ruff's fixes and formatting
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .

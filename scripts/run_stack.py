@@ -114,57 +114,50 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    procs: list[subprocess.Popen[bytes]] = []
-    if with_viewer:
-        viewer = _start("viewer", ["gateway.viewer", "--port", str(args.viewer_port)])
-        procs = [viewer]
-        if not _wait_healthy(viewer_url + "/", viewer):
-            print("make run: the viewer did not start (see its output above)", file=sys.stderr)
-            _stop(procs)
-            return 1
-    backend = _start("backend", ["backend", "--port", str(args.backend_port)])
-    procs = [backend, *procs]
-    if not _wait_healthy(backend_url + "/api/health", backend):
-        print("make run: the backend did not start (see its output above)", file=sys.stderr)
-        _stop(procs)
-        return 1
     # The demo page is another origin: allow it (both spellings of localhost).
     origins = os.environ.get(
         "GATEWAY_ALLOWED_ORIGINS",
         f"http://localhost:{args.demo_port},http://127.0.0.1:{args.demo_port}",
     )
-    gateway = _start(
-        "gateway",
-        [
+    # In start order, each with the URL that says it is up.
+    components = [
+        ("viewer", ["gateway.viewer", "--port", str(args.viewer_port)], viewer_url + "/"),
+        ("backend", ["backend", "--port", str(args.backend_port)], backend_url + "/api/health"),
+        (
             "gateway",
-            "--upstream",
-            backend_url,
-            "--port",
-            str(args.gateway_port),
-            "--allowed-origins",
-            origins,
-        ],
-    )
-    procs = [gateway, *procs]
-    if not _wait_healthy(gateway_url + "/__gateway/health", gateway):
-        print("make run: the gateway did not start (see its output above)", file=sys.stderr)
-        _stop(procs)
-        return 1
-    demo = _start(
-        "demo",
-        [
-            "frontend-snippet/demo/server.py",
-            "--port",
-            str(args.demo_port),
-            "--gateway",
-            gateway_url,
-        ],
-    )
-    procs = [demo, *procs]
-    if not _wait_healthy(demo_url + "/", demo):
-        print("make run: the demo did not start (see its output above)", file=sys.stderr)
-        _stop(procs)
-        return 1
+            [
+                "gateway",
+                "--upstream",
+                backend_url,
+                "--port",
+                str(args.gateway_port),
+                "--allowed-origins",
+                origins,
+            ],
+            gateway_url + "/__gateway/health",
+        ),
+        (
+            "demo",
+            [
+                "frontend-snippet/demo/server.py",
+                "--port",
+                str(args.demo_port),
+                "--gateway",
+                gateway_url,
+            ],
+            demo_url + "/",
+        ),
+    ]
+    procs: list[subprocess.Popen[bytes]] = []  # newest first: the stop order
+    for name, command, health_url in components:
+        if name == "viewer" and not with_viewer:
+            continue
+        proc = _start(name, command)
+        procs.insert(0, proc)
+        if not _wait_healthy(health_url, proc):
+            print(f"make run: the {name} did not start (see its output above)", file=sys.stderr)
+            _stop(procs)
+            return 1
 
     spans_line = (
         f"Traces: {viewer_url}  (the local viewer: recent traces, waterfalls, /latency)"

@@ -27,7 +27,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from tests.servers import BackendThread
+from tests.otlp_receiver import OtlpReceiver
+from tests.servers import BackendThread, Process
 
 # No test may export to a real endpoint: anything that builds an exporter from
 # the environment posts to a closed loopback port.
@@ -74,6 +75,21 @@ def backend() -> Iterator[BackendThread]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP receiver for the processes a module starts."""
+    with OtlpReceiver() as rec:
+        yield rec
+
+
+@pytest.fixture(scope="module")
+def backend_proc(receiver: OtlpReceiver) -> Iterator[Process]:
+    """``python -m backend`` as a process, exporting to ``receiver``."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    with Process("backend", ["--port", "0"], env) as proc:
+        yield proc
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ when it cannot start.
 from __future__ import annotations
 
 import statistics
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -32,19 +32,6 @@ SERVER, CLIENT = 2, 3  # OTLP span kinds
 async def browser() -> AsyncIterator[Browser]:
     async with chromium() as b:
         yield b
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as rec:
-        yield rec
-
-
-@pytest.fixture(scope="module")
-def backend_proc(receiver: OtlpReceiver) -> Iterator[Process]:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
-    with Process("backend", ["--port", "0"], env) as proc:
-        yield proc
 
 
 @dataclass

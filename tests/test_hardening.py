@@ -27,19 +27,6 @@ SERVER = 2
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as rec:
-        yield rec
-
-
-@pytest.fixture(scope="module")
-def backend_proc(receiver: OtlpReceiver) -> Iterator[Process]:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    with Process("backend", ["--port", "0"], env) as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
 def gateway_proc(receiver: OtlpReceiver, backend_proc: Process) -> Iterator[Process]:
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,

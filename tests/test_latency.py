@@ -108,12 +108,6 @@ ACCURACY: list[tuple[float, float, float, float, str]] = []
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as rec:
-        yield rec
-
-
-@pytest.fixture(scope="module")
 def gateway_proc(receiver: OtlpReceiver, backend: BackendThread) -> Iterator[Process]:
     """The gateway as production runs it, in a process of its own: nothing in
     the test's event loop can delay its receipt time t1."""

@@ -50,20 +50,11 @@ from gateway.viewer.cli import ServeConfig, UsageError, report_config, serve_con
 from gateway.viewer.report import percentile, route_stats
 from gateway.viewer.spans import SpanRecord, waterfall
 from gateway.viewer.store import Store
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 MS = 1_000_000
 T = TypeVar("T")
-
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 
 
 # -- helpers -----------------------------------------------------------------
@@ -952,7 +943,7 @@ async def test_waterfall_and_latency_pages_in_chromium(
     shots.mkdir(exist_ok=True)
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS
         )
         try:
             page = await browser.new_page(viewport={"width": 1100, "height": 700})
