@@ -164,8 +164,14 @@ async def test_make_run_shows_a_demo_click_in_the_viewer_and_ctrl_c_stops_it(
         assert b"Traceback" not in output + rest
     finally:
         if proc.poll() is None:
-            proc.kill()
-            await asyncio.to_thread(proc.communicate, timeout=10)
+            # SIGTERM first: the script stops its children (they run in
+            # sessions of their own, so a SIGKILL to it alone would orphan them).
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.communicate, timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.communicate, timeout=10)
 
 
 def _start_stack(ports: dict[str, int], env: dict[str, str]) -> tuple[Any, bytes]:
@@ -192,8 +198,8 @@ def _start_stack(ports: dict[str, int], env: dict[str, str]) -> tuple[Any, bytes
                 break
             output += chunk
     if b"Ready." not in output:
-        proc.kill()
-        proc.communicate(timeout=10)
+        proc.terminate()  # lets the script stop whatever it had started
+        proc.communicate(timeout=30)
         raise AssertionError(output.decode(errors="replace"))
     return proc, output
 
