@@ -42,20 +42,13 @@ from yarl import URL
 from gateway import __version__, context, measure, proxy, timing
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
-from gateway.http import json_error, ms
+from gateway.http import json_error, method_attribute, ms, span_name
 from gateway.reserved import Reserved
 
 log = logging.getLogger("gateway")
 
 #: Reserved prefix, never forwarded (DESIGN §4).
 RESERVED_PREFIX: Final = "/__gateway/"
-
-#: RFC 9110 §9: methods with a standard meaning. Anything else is reported as
-#: ``_OTHER`` (HTTP semantic conventions, ``http.request.method``) so a client
-#: inventing methods cannot blow up span-name cardinality.
-KNOWN_METHODS: Final = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
-)
 
 #: aiohttp's application keys.
 CONFIG_KEY: Final = web.AppKey("config", GatewayConfig)
@@ -93,7 +86,6 @@ class Gateway:
         self.config = config
         self.tracer = tracer
         self.upstream = config.upstream_url
-        self.upstream_origin = str(self.upstream.origin())
         self.cors = Cors(config.allowed_origins)
         self.measurement = measure.Measurement(config)
         self.session: aiohttp.ClientSession | None = None
@@ -143,7 +135,7 @@ class Gateway:
             return json_error(*too_big)
 
         inbound = context.extract(request.headers, self.config.trust_context)
-        known = method if method in KNOWN_METHODS else "_OTHER"
+        known = method_attribute(method)
         fwd = proxy.forwarding(request, self.config.trusted_proxies)
         attributes: dict[str, Any] = {
             "http.request.method": known,
@@ -163,7 +155,7 @@ class Gateway:
         if user_agent is not None:
             attributes["user_agent.original"] = user_agent
         server_span = self.tracer.start_span(
-            known if known != "_OTHER" else "HTTP",
+            span_name(known),
             context=inbound.parent,
             kind=SpanKind.SERVER,
             attributes=attributes,
@@ -225,12 +217,13 @@ class Gateway:
         )
 
         headers = proxy.upstream_request_headers(request, fwd)
+        known = method_attribute(request.method)
         client_span = self.tracer.start_span(
-            known_name(request.method),
+            known,
             context=set_span_in_context(server_span),
             kind=SpanKind.CLIENT,
             attributes={
-                "http.request.method": known_name(request.method),
+                "http.request.method": known,
                 "url.full": redact(target),
                 "server.address": self.upstream.host or "",
                 "server.port": self._server_port or 80,
@@ -379,10 +372,6 @@ class _Exchange:
         self.verdict = verdict
 
 
-def known_name(method: str) -> str:
-    return method if method in KNOWN_METHODS else "_OTHER"
-
-
 def redact(url: URL) -> str:
     """``url.full`` without credentials (HTTP semantic conventions)."""
     if url.user is not None or url.password is not None:
@@ -402,8 +391,7 @@ def _classify(exc: BaseException, body_too_large: bool) -> tuple[int, str, str]:
         # The client's own body failed mid-upload (it disconnected or lied
         # about its length).
         return 400, "request body incomplete", type(exc).__qualname__
-    if isinstance(exc, aiohttp.ClientError | OSError):
-        return 502, "upstream failed", type(exc).__qualname__
+    # Anything else (a reset, a malformed answer, …) is the upstream failing.
     return 502, "upstream failed", type(exc).__qualname__
 
 

@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, get_current_s
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway import timing
+from gateway.http import method_attribute, span_name
 
 #: sendBeacon bodies are capped at 64 KiB by browsers anyway (Fetch standard,
 #: keepalive quota); anything larger is not from our snippet.
@@ -53,9 +54,6 @@ MARKS: Final = (
     "requestStart",
     "responseStart",
     "responseEnd",
-)
-KNOWN_METHODS: Final = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 
 _W3C: Final = TraceContextTextMapPropagator()
@@ -145,10 +143,10 @@ def build_span(
         start_server = min(start_c + offset, float(token.t1_ms))
     end_server = max(end_c + offset, start_server)
 
-    known = method.upper() if method.upper() in KNOWN_METHODS else "_OTHER"
+    known = method_attribute(method.upper())
     events = tuple(Event(name, timestamp=_ns(value + offset)) for name, value in marks.items())
     span = ReadableSpan(
-        name=known if known != "_OTHER" else "HTTP",
+        name=span_name(known),
         context=SpanContext(
             parent.trace_id,
             parent.span_id,
