@@ -219,7 +219,7 @@ class Gateway:
         headers = proxy.upstream_request_headers(request, fwd)
         known = method_attribute(request.method)
         client_span = self.tracer.start_span(
-            known,
+            span_name(known),
             context=set_span_in_context(server_span),
             kind=SpanKind.CLIENT,
             attributes={

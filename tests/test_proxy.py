@@ -635,6 +635,10 @@ async def test_unknown_method_is_other_in_the_span(
     data = await _raw(base, b"PROPFIND /api/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert parse_head(data)[0] == 200
     server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
+    client = next(s for s in gateway_spans.spans() if s.kind.name == "CLIENT")
+    # HTTP semantic conventions: span name "HTTP" when the method is _OTHER.
     assert server.name == "HTTP"
+    assert client.name == "HTTP"
+    assert (client.attributes or {})["http.request.method"] == "_OTHER"
     assert (server.attributes or {})["http.request.method"] == "_OTHER"
     assert (server.attributes or {})["http.request.method_original"] == "PROPFIND"
