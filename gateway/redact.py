@@ -1,0 +1,117 @@
+"""Secrets out of spans: query values of sensitive keys, and URL credentials.
+
+What it is for: every ``url.full`` and ``url.query`` the gateway exports (its
+own spans and the browser spans it builds from beacons) goes through
+:class:`QueryRedactor` first. HTTP semantic conventions (``url.query``,
+``url.full``): "sensitive content provided in query string SHOULD be
+scrubbed", the value replaced by ``REDACTED`` and the key kept, and
+credentials in the URL replaced the same way.
+
+Not for: headers (``Authorization``, ``Cookie`` and ``Set-Cookie`` are never
+recorded at all) or bodies (never recorded).
+
+Hot path: one ``str.find`` for a query without a sensitive key's ``=``-free
+prefix is the common case; the key set is built once per process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+from urllib.parse import unquote
+
+REDACTED: Final = "REDACTED"
+
+#: Query keys whose values are credentials in common APIs: OAuth 2.0 (RFC 6749
+#: §4.1.2 ``code``, RFC 6750 §2.3 ``access_token``), signed URLs (AWS SigV2/V4
+#: ``AWSAccessKeyId``/``Signature``/``X-Amz-Signature``/``X-Amz-Credential``,
+#: Google ``X-Goog-Signature``, Azure SAS ``sig``) and the usual hand-rolled
+#: names. Semantic conventions list ``AWSAccessKeyId``, ``Signature``, ``sig``
+#: and ``X-Goog-Signature`` as the minimum. Compared case-insensitively, after
+#: percent-decoding, so ``Access%5FToken`` is caught too.
+DEFAULT_SENSITIVE_QUERY_KEYS: Final = (
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "token",
+    "password",
+    "passwd",
+    "secret",
+    "client_secret",
+    "api_key",
+    "apikey",
+    "key",
+    "code",
+    "sig",
+    "signature",
+    "X-Amz-Signature",
+    "X-Amz-Credential",
+    "X-Amz-Security-Token",
+    "AWSAccessKeyId",
+    "X-Goog-Signature",
+    "X-Goog-Credential",
+)
+
+
+class QueryRedactor:
+    """Replaces the values of sensitive query keys with ``REDACTED``.
+
+    ``extra_keys`` adds to the default list (``GATEWAY_REDACT_QUERY_PARAMS``).
+    The rest of the query is kept byte for byte: same order, same encoding,
+    same separators, so a redacted ``url.full`` still reads like the request.
+    """
+
+    __slots__ = ("keys",)
+
+    def __init__(self, extra_keys: Iterable[str] = ()) -> None:
+        self.keys: frozenset[str] = frozenset(
+            key.strip().lower() for key in (*DEFAULT_SENSITIVE_QUERY_KEYS, *extra_keys)
+        )
+
+    def query(self, raw_query: str) -> str:
+        """A raw query string (no ``?``) with sensitive values redacted."""
+        if not raw_query or "=" not in raw_query:
+            return raw_query
+        parts = raw_query.split("&")
+        changed = False
+        for i, part in enumerate(parts):
+            name, eq, _value = part.partition("=")
+            if eq and self._sensitive(name):
+                parts[i] = f"{name}={REDACTED}"
+                changed = True
+        return "&".join(parts) if changed else raw_query
+
+    def url(self, url: str) -> str:
+        """A URL string with credentials and sensitive query values redacted,
+        and without its fragment: a fragment never reaches a server, and in
+        the OAuth 2.0 implicit flow it holds the access token itself (RFC 6749
+        §4.2.2)."""
+        head = url.partition("#")[0]
+        base, question, raw_query = head.partition("?")
+        base = _without_credentials(base)
+        if question:
+            base += "?" + self.query(raw_query)
+        return base
+
+    def _sensitive(self, name: str) -> bool:
+        key = name.lower()
+        if "%" in key or "+" in key:
+            key = unquote(key.replace("+", " "))
+        return key in self.keys
+
+
+def _without_credentials(base: str) -> str:
+    """``scheme://user:pass@host/path`` → ``scheme://REDACTED:REDACTED@host/path``."""
+    scheme_end = base.find("://")
+    if scheme_end < 0:
+        return base
+    authority_start = scheme_end + 3
+    authority_end = base.find("/", authority_start)
+    if authority_end < 0:
+        authority_end = len(base)
+    at = base.rfind("@", authority_start, authority_end)
+    if at < 0:
+        return base
+    userinfo = base[authority_start:at]
+    redacted = f"{REDACTED}:{REDACTED}" if ":" in userinfo else REDACTED
+    return base[:authority_start] + redacted + base[at:]

@@ -1,0 +1,65 @@
+"""Secrets out of spans: the query and URL redaction rules (HTTP semantic
+conventions, ``url.query``/``url.full``: sensitive values become REDACTED)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.redact import REDACTED, QueryRedactor
+
+REDACTOR = QueryRedactor()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("", ""),
+        ("a=1", "a=1"),
+        ("access_token=abc", f"access_token={REDACTED}"),
+        ("x=1&token=t&y=2", f"x=1&token={REDACTED}&y=2"),
+        ("Access_Token=abc", f"Access_Token={REDACTED}"),
+        ("access%5Ftoken=abc", f"access%5Ftoken={REDACTED}"),
+        ("X-Amz-Signature=ff&X-Amz-Date=1", f"X-Amz-Signature={REDACTED}&X-Amz-Date=1"),
+        ("sig=1&sig=2", f"sig={REDACTED}&sig={REDACTED}"),
+        ("token", "token"),  # a key without a value carries nothing to hide
+        ("tokens=1&monkey=2", "tokens=1&monkey=2"),  # whole keys only
+        ("a=%2F&code=x;y", f"a=%2F&code={REDACTED}"),
+    ],
+)
+def test_query_values_of_sensitive_keys_are_redacted(raw: str, expected: str) -> None:
+    assert REDACTOR.query(raw) == expected
+
+
+def test_extra_keys_add_to_the_default_list() -> None:
+    redactor = QueryRedactor(["session", " Ticket "])
+    assert redactor.query("session=1&ticket=2&token=3&q=4") == (
+        f"session={REDACTED}&ticket={REDACTED}&token={REDACTED}&q=4"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://h/p?q=1", "http://h/p?q=1"),
+        ("http://h/p?access_token=s3cret", f"http://h/p?access_token={REDACTED}"),
+        (
+            "https://u:p@h:1/p?key=k#frag",
+            f"https://{REDACTED}:{REDACTED}@h:1/p?key={REDACTED}",
+        ),
+        ("https://u@h/p", f"https://{REDACTED}@h/p"),
+        ("http://h/p@x?token=1", f"http://h/p@x?token={REDACTED}"),
+        ("/relative?password=x", f"/relative?password={REDACTED}"),
+        ("http://h/cb#access_token=s3cret", "http://h/cb"),
+    ],
+)
+def test_urls_lose_credentials_and_sensitive_values(url: str, expected: str) -> None:
+    assert REDACTOR.url(url) == expected
+
+
+@given(st.text(max_size=200))
+def test_redaction_never_raises_and_never_keeps_a_secret(query: str) -> None:
+    secret = "S3CRETVALUE"
+    out = REDACTOR.url(f"http://h/p?{query}&access_token={secret}")
+    assert secret not in out
