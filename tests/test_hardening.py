@@ -341,6 +341,56 @@ def test_fuzzed_preflights_never_grant_more_than_ours_or_the_backends(
         assert not set(granted) & set(_OURS), got
 
 
+@pytest.fixture(scope="module")
+def pattern_gateway(backend_proc: Process) -> Iterator[Process]:
+    env = {"GATEWAY_ALLOWED_ORIGINS": "https://*.example.com", "GATEWAY_CLOCK_KEY": CLOCK_KEY}
+    args = ["--upstream", backend_proc.url, "--port", "0", "--workers", "1"]
+    with Process("gateway", args, env) as proc:
+        yield proc
+
+
+def _one_label_under_example_com(origin: str) -> bool:
+    """The reference reading of https://*.example.com, written apart from the
+    gateway's: one whole DNS label (RFC 6125 §6.4.3, RFC 1035 §2.3.1)."""
+    prefix, suffix = "https://", ".example.com"
+    if not (origin.startswith(prefix) and origin.endswith(suffix)):
+        return False
+    label = origin[len(prefix) : -len(suffix)]
+    return (
+        0 < len(label) <= 63
+        and all(c in "abcdefghijklmnopqrstuvwxyz0123456789-" for c in label)
+        and not label.startswith("-")
+        and not label.endswith("-")
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    scheme=st.sampled_from(["https://", "http://", "HTTPS://", "https:/", ""]),
+    label=st.one_of(
+        st.sampled_from(["app", "a-1", "", "-a", "a-", "a.b", "APP", "x" * 63, "x" * 64]),
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=20),
+    ),
+    suffix=st.sampled_from(
+        [".example.com", "example.com", ".example.com:443", ".example.com.evil", ".Example.com"]
+    ),
+)
+def test_fuzzed_origins_match_a_pattern_only_as_one_label(
+    pattern_gateway: Process, scheme: str, label: str, suffix: str
+) -> None:
+    origin = scheme + label + suffix
+    request = (
+        f"GET /__gateway/clock HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, response_headers, _ = parse_head(raw_request(pattern_gateway.port, request))
+    assert status == 204
+    got = {name.lower(): value for name, value in response_headers}
+    granted = got.get("access-control-allow-origin") == origin
+    assert granted is _one_label_under_example_com(origin), (origin, got)
+    if not granted:
+        assert "access-control-allow-origin" not in got
+
+
 def test_timing_and_beacon_floods_stay_within_limits(gateway_proc: Process) -> None:
     """A client flooding timing headers and beacons is rate-limited and the
     gateway's memory stays put (the limiter is an LRU with a cap)."""
