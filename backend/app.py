@@ -3,12 +3,12 @@
 What this module is for: :func:`create_app`, the app factory. It builds a
 Flask app instrumented with ``FlaskInstrumentor`` (a SERVER span per request)
 and ``RequestsInstrumentor`` (CLIENT spans and injected ``traceparent`` for
-outgoing calls), the home feed with its custom ``mock-data`` span, and the
-routes that make demos and proxy tests honest (DESIGN.md §8): echo, slow,
-status, bytes, gzip, cookies, redirect.
+outgoing calls), the home feed with its custom ``mock-data`` span, the
+routes that make demos and proxy tests honest (echo, slow, status, bytes,
+gzip, cookies, redirect) and the backend's own CORS (``FRONTEND_URL``).
 
 What it is not for: building the tracer provider or serving. Nothing happens
-at import time and no global tracer provider is set here (STYLE.md, after the
+at import time and no global tracer provider is set here (after the
 Flask tutorial's ``create_app``); ``backend.cli`` and ``backend.wsgi`` build
 the provider and pass it in, tests pass one with an in-memory exporter.
 """
@@ -68,12 +68,23 @@ COOKIES = (
 #: RFC 9110 §15.3.5, §15.3.6, §15.4.5: these statuses carry no content.
 _NO_BODY_STATUSES = frozenset({204, 205, 304})
 _TRACER_KEY = "backend.tracer"
+_ORIGINS_KEY = "backend.cors_origins"
+
+#: The browser origins the backend grants CORS to, as the original Cruddur
+#: backend did with ``FRONTEND_URL`` (the demo page on port 3000).
+DEFAULT_FRONTEND_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
+#: The original backend's flask-cors settings, for ``/api/*``: methods,
+#: request headers it accepts and response headers it exposes.
+CORS_METHODS = ("OPTIONS", "GET", "HEAD", "POST")
+CORS_ALLOW_HEADERS = frozenset({"content-type", "if-modified-since"})
+CORS_EXPOSE_HEADERS = "location, link"
 
 
 def create_app(
     *,
     tracer_provider: trace.TracerProvider | None = None,
     enable_test_callback: bool = False,
+    frontend_origins: tuple[str, ...] = DEFAULT_FRONTEND_ORIGINS,
 ) -> Flask:
     """A new, instrumented backend app.
 
@@ -82,8 +93,11 @@ def create_app(
     of the first app built; later apps reuse it, so building many apps in one
     test process neither double-instruments nor warns. ``enable_test_callback``
     registers ``POST /api/trace-context-test`` (the W3C test-suite service).
+    ``frontend_origins`` are the browser origins granted CORS on ``/api/*``.
     """
     app = Flask(__name__)
+    app.extensions[_ORIGINS_KEY] = frozenset(frontend_origins)
+    app.after_request(cors)
     # The Flask instrumentation ships without type hints.
     FlaskInstrumentor().instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[no-untyped-call]
     requests_instrumentor = RequestsInstrumentor()
@@ -123,6 +137,53 @@ def json_error(error: HTTPException) -> BaseResponse:
         body["trace_id"] = trace.format_trace_id(context.trace_id)
     response.set_data(json.dumps(body))
     response.content_type = "application/json"
+    return response
+
+
+def parse_frontend_url(raw: str) -> tuple[str, ...]:
+    """``FRONTEND_URL``: comma-separated origins such as http://localhost:3000."""
+    origins = tuple(item.strip().rstrip("/") for item in raw.split(",") if item.strip())
+    for origin in origins:
+        scheme, sep, host = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not host or "/" in host:
+            raise ValueError(f"origins look like http://localhost:3000, got {origin!r}")
+    return origins
+
+
+def cors(response: BaseResponse) -> BaseResponse:
+    """The backend's own CORS, what the original backend's flask-cors did:
+    ``/api/*`` for the ``FRONTEND_URL`` origins, without credentials.
+
+    A small ``after_request`` hook rather than flask-cors: exact origin
+    comparison (browsers send the serialised origin, RFC 6454 §6.1; flask-cors
+    compares case-insensitively) and no extra dependency for an example app.
+    """
+    origin = request.headers.get("Origin")
+    if (
+        origin is None
+        or origin not in current_app.extensions[_ORIGINS_KEY]
+        or not request.path.startswith("/api/")
+    ):
+        return response
+    response.vary.add("Origin")
+    method = request.headers.get("Access-Control-Request-Method")
+    if request.method == "OPTIONS" and method is not None:
+        # Fetch standard §3.2.3: the preflight answer names what is allowed;
+        # a method or header not listed makes the browser refuse the request.
+        if method not in CORS_METHODS:
+            return response
+        requested = request.headers.get("Access-Control-Request-Headers", "")
+        allowed = [
+            name.strip().lower()
+            for name in requested.split(",")
+            if name.strip().lower() in CORS_ALLOW_HEADERS
+        ]
+        response.headers["Access-Control-Allow-Methods"] = ", ".join(CORS_METHODS)
+        if allowed:
+            response.headers["Access-Control-Allow-Headers"] = ", ".join(allowed)
+    else:
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+    response.headers["Access-Control-Allow-Origin"] = origin
     return response
 
 

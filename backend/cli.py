@@ -1,7 +1,7 @@
 """``python -m backend``: serve the example backend with werkzeug's threaded server.
 
 What this module is for: the command line (flags, ``BACKEND_*`` environment
-variables, defaults; flag > environment > default, DESIGN.md §2), building the
+variables, defaults; flag > environment > default, as the gateway), building the
 tracer provider, serving, and a clean stop on SIGTERM/SIGINT that flushes the
 spans still queued.
 
@@ -45,6 +45,7 @@ class BackendOptions:
     port: int
     log_level: str
     enable_test_callback: bool
+    frontend_origins: tuple[str, ...] = ()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         help=f"one of {', '.join(LOG_LEVELS)} (env BACKEND_LOG_LEVEL, default {DEFAULT_LOG_LEVEL})",
+    )
+    parser.add_argument(
+        "--frontend-url",
+        help="comma-separated browser origins granted CORS on /api/* "
+        "(env FRONTEND_URL, default http://localhost:3000,http://127.0.0.1:3000)",
     )
     parser.add_argument(
         "--enable-test-callback",
@@ -121,8 +127,22 @@ def parse_options(
                 f"BACKEND_ENABLE_TEST_CALLBACK={raw!r}: use 1/true/yes/on or 0/false/no/off"
             )
         enable = raw in TRUE_VALUES
+
+    from backend.app import DEFAULT_FRONTEND_ORIGINS, parse_frontend_url
+
+    raw_origins, source = _resolve(
+        args.frontend_url, "--frontend-url", env, "FRONTEND_URL", ",".join(DEFAULT_FRONTEND_ORIGINS)
+    )
+    try:
+        origins = parse_frontend_url(raw_origins)
+    except ValueError as error:
+        parser.error(f"{source}={raw_origins!r}: {error}")
     return BackendOptions(
-        host=host, port=int(raw_port), log_level=level, enable_test_callback=enable
+        host=host,
+        port=int(raw_port),
+        log_level=level,
+        enable_test_callback=enable,
+        frontend_origins=origins,
     )
 
 
@@ -156,7 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.telemetry import build_tracer_provider, shutdown_tracer_provider
 
     provider = build_tracer_provider("backend")
-    app = create_app(tracer_provider=provider, enable_test_callback=options.enable_test_callback)
+    app = create_app(
+        tracer_provider=provider,
+        enable_test_callback=options.enable_test_callback,
+        frontend_origins=options.frontend_origins,
+    )
     try:
         server: BaseWSGIServer = make_server(options.host, options.port, app, threaded=True)
     except OSError as error:

@@ -8,14 +8,16 @@ so each process gets its own provider and batch-processor thread.
 
 What it is not for: tests (they call ``backend.app.create_app`` with their
 own provider) or flags (gunicorn has its own; the ``BACKEND_*`` variables of
-``python -m backend`` do not apply, except ``BACKEND_ENABLE_TEST_CALLBACK``).
+``python -m backend`` do not apply, except ``BACKEND_ENABLE_TEST_CALLBACK``;
+``FRONTEND_URL`` names the browser origins granted CORS, as for
+``python -m backend``).
 """
 
 from __future__ import annotations
 
 import os
 
-from backend.app import create_app
+from backend.app import DEFAULT_FRONTEND_ORIGINS, create_app, parse_frontend_url
 from backend.cli import TRUE_VALUES
 from gateway.telemetry import build_tracer_provider
 
@@ -24,4 +26,7 @@ app = create_app(
     tracer_provider=provider,
     enable_test_callback=os.environ.get("BACKEND_ENABLE_TEST_CALLBACK", "").strip().lower()
     in TRUE_VALUES,
+    frontend_origins=parse_frontend_url(
+        os.environ.get("FRONTEND_URL") or ",".join(DEFAULT_FRONTEND_ORIGINS)
+    ),
 )

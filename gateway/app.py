@@ -127,7 +127,10 @@ class Gateway:
         t1_perf = time.perf_counter_ns()
         method = request.method
         origin = self.cors.origin(request)
-        if origin is not None and self.cors.is_preflight(request):
+        preflight = self.cors.is_preflight(request)
+        if origin is not None and preflight and self.cors.caused_by_us(request):
+            # Only the preflights our headers caused; any other goes to the
+            # backend, whose policy it is (see gateway/cors.py).
             return self.cors.preflight(request, origin)
 
         too_big = proxy.header_limit_error(request)
@@ -164,7 +167,7 @@ class Gateway:
         )
         verdict = self.measurement.evaluate(request.headers, fwd.client_address, t1_ns / 1e6)
         measure.record(server_span, verdict)
-        exchange = _Exchange(server_span, origin, t1_ns, t1_perf, verdict)
+        exchange = _Exchange(server_span, origin, preflight, t1_ns, t1_perf, verdict)
         try:
             return await self._forward(request, exchange, fwd)
         except BaseException as exc:
@@ -338,7 +341,10 @@ class Gateway:
         t2_ms = t1_ms + gw_ns / 1e6
         headers["X-Gateway-Clock"] = self.measurement.clock_header(t1_ms, t2_ms, exchange.verdict)
         if exchange.origin is not None:
-            self.cors.grant(headers, exchange.origin)
+            if exchange.preflight:
+                self.cors.merge_preflight(headers, exchange.origin)
+            else:
+                self.cors.expose(headers, exchange.origin)
 
 
 class _ClientGone(Exception):
@@ -355,18 +361,20 @@ async def _to_client(write: Awaitable[object]) -> None:
 class _Exchange:
     """What one proxied request carries from receipt to response headers."""
 
-    __slots__ = ("origin", "server_span", "t1_ns", "t1_perf", "verdict")
+    __slots__ = ("origin", "preflight", "server_span", "t1_ns", "t1_perf", "verdict")
 
     def __init__(
         self,
         server_span: Span,
         origin: str | None,
+        preflight: bool,
         t1_ns: int,
         t1_perf: int,
         verdict: timing.Verdict,
     ) -> None:
         self.server_span = server_span
         self.origin = origin
+        self.preflight = preflight
         self.t1_ns = t1_ns
         self.t1_perf = t1_perf
         self.verdict = verdict

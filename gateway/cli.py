@@ -31,6 +31,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import __version__
 from gateway.config import LOG_LEVELS, TRUST_MODES, ConfigError, GatewayConfig
+from gateway.cors import Cors
 
 log = logging.getLogger("gateway")
 
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--allowed-origins",
-        help="comma-separated browser origins granted CORS [GATEWAY_ALLOWED_ORIGINS]",
+        help="comma-separated browser origins (or https://*.example.com patterns) whose "
+        "pages may send the snippet's headers cross-origin; default none "
+        "[GATEWAY_ALLOWED_ORIGINS]",
     )
     p.add_argument(
         "--trust-context",
@@ -101,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if config.workers > 1 and config.port == 0:
         parser.error("--port 0 (any free port) works with --workers 1 only")
     _setup_logging(config.log_level)
+    log.info("CORS origins enabled: %s", Cors(config.allowed_origins).describe())
     if config.clock_key_generated:
         log.warning(
             "GATEWAY_CLOCK_KEY is not set: using a random clock key for this start "

@@ -150,7 +150,7 @@ class Reserved:
         )
         origin = self.cors.origin(request)
         if module and origin is not None:
-            self.cors.grant(headers, origin)
+            self.cors.grant_own(headers, origin)
         # RFC 9110 §13.1.2: If-None-Match with a matching entity tag → 304.
         if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
             return web.Response(status=304, headers=headers)
@@ -170,7 +170,7 @@ class Reserved:
         if not self.beacon_limiter.allow(peer, time.monotonic()):
             self.beacon_counts["rate_limited"] += 1
             response = json_error(429, "too many beacons; slow down")
-            self.cors.grant(response.headers, origin)
+            self.cors.grant_own(response.headers, origin)
             return response
         declared = request.content_length
         if declared is not None and declared > beacon.MAX_BEACON_BYTES:
@@ -190,7 +190,7 @@ class Reserved:
         except (ValueError, RecursionError) as exc:  # JSON errors and BeaconError
             self.beacon_counts["bad_beacon"] += 1
             response = json_error(400, f"beacon is not usable: {str(exc)[:200]}")
-            self.cors.grant(response.headers, origin)
+            self.cors.grant_own(response.headers, origin)
             return response
         self.beacon_counts["accepted"] += result.accepted
         for reason, count in result.dropped.items():
@@ -200,7 +200,7 @@ class Reserved:
             text=json.dumps({"accepted": result.accepted, "dropped": dict(result.dropped)}),
             content_type=JSON,
         )
-        self.cors.grant(response.headers, origin)
+        self.cors.grant_own(response.headers, origin)
         return response
 
     async def reserved_not_found(self, request: web.Request) -> web.Response:
@@ -214,7 +214,7 @@ class Reserved:
         response = web.Response(status=204, headers={"Cache-Control": "no-store"})
         origin = self.cors.origin(request)
         if origin is not None:
-            self.cors.grant(response.headers, origin)
+            self.cors.grant_own(response.headers, origin)
         t1_ms = t1_ns / 1e6
         t2_ms = t1_ms + (time.perf_counter_ns() - t1_perf) / 1e6
         response.headers["X-Gateway-Clock"] = self.measurement.clock_header(t1_ms, t2_ms, None)
@@ -223,7 +223,7 @@ class Reserved:
     async def reserved_preflight(self, request: web.Request) -> web.Response:
         origin = self.cors.origin(request)
         if origin is not None and self.cors.is_preflight(request):
-            return self.cors.preflight(request, origin)
+            return self.cors.own_preflight(origin)
         return await self.reserved_not_found(request)
 
     # -- the proxy -------------------------------------------------------

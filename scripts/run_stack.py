@@ -114,15 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    # The demo page is another origin: allow it (both spellings of localhost).
-    origins = os.environ.get(
-        "GATEWAY_ALLOWED_ORIGINS",
-        f"http://localhost:{args.demo_port},http://127.0.0.1:{args.demo_port}",
-    )
+    # The demo page is another origin: both the backend (its own CORS) and the
+    # gateway (the snippet's headers) must allow it, in both spellings of
+    # localhost. The gateway allows no origin unless told to.
+    demo_origins = f"http://localhost:{args.demo_port},http://127.0.0.1:{args.demo_port}"
+    origins = os.environ.get("GATEWAY_ALLOWED_ORIGINS", demo_origins)
+    frontend_url = os.environ.get("FRONTEND_URL", demo_origins)
     # In start order, each with the URL that says it is up.
     components = [
         ("viewer", ["gateway.viewer", "--port", str(args.viewer_port)], viewer_url + "/"),
-        ("backend", ["backend", "--port", str(args.backend_port)], backend_url + "/api/health"),
+        (
+            "backend",
+            ["backend", "--port", str(args.backend_port), "--frontend-url", frontend_url],
+            backend_url + "/api/health",
+        ),
         (
             "gateway",
             [

@@ -99,11 +99,16 @@ def gateway_spans() -> Traced:
 
 GatewayFactory = Callable[..., Awaitable[str]]
 
+#: The demo page's origins: granted by the backend by default (FRONTEND_URL).
+DEMO_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
+
 
 @pytest.fixture
 async def gateway(gateway_spans: Traced, backend: BackendThread) -> AsyncIterator[GatewayFactory]:
     """``await gateway(**config_changes)`` → base URL of a gateway on a real
-    loopback port, proxying to the real backend unless ``upstream`` is given."""
+    loopback port, proxying to the real backend unless ``upstream`` is given.
+    It allows the demo's origins (``DEMO_ORIGINS``, which the backend grants
+    too) unless ``allowed_origins`` is given."""
     servers: list[TestServer] = []
     backend.reset()
 
@@ -111,6 +116,7 @@ async def gateway(gateway_spans: Traced, backend: BackendThread) -> AsyncIterato
         changes.setdefault("upstream", backend.url)
         changes.setdefault("workers", 1)
         changes.setdefault("clock_key", b"k" * 32)
+        changes.setdefault("allowed_origins", DEMO_ORIGINS)
         config = GatewayConfig().replace(**changes)
         app = create_app(config, tracer_provider=gateway_spans.provider)
         server = TestServer(app, host="127.0.0.1", port=0)

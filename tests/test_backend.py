@@ -374,6 +374,91 @@ def test_echo_on_a_real_server_keeps_the_raw_target_and_dechunks(backend_port: i
     assert echoed["body_sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
 
 
+# --- the backend's own CORS (FRONTEND_URL) --------------------------------------
+
+DEMO = "http://localhost:3000"
+CORS_HEADERS = (
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Credentials",
+    "Access-Control-Allow-Methods",
+    "Access-Control-Allow-Headers",
+    "Access-Control-Expose-Headers",
+)
+
+
+@pytest.mark.parametrize("origin", [DEMO, "http://127.0.0.1:3000"])
+def test_backend_grants_its_frontend_origins_without_credentials(
+    client: FlaskClient, origin: str
+) -> None:
+    response = client.get("/api/activities/home", headers={"Origin": origin})
+    assert response.headers["Access-Control-Allow-Origin"] == origin
+    assert response.headers["Access-Control-Expose-Headers"] == "location, link"
+    assert "Access-Control-Allow-Credentials" not in response.headers
+    assert "Origin" in response.headers["Vary"]
+
+
+@pytest.mark.parametrize(
+    ("method", "requested", "allow_headers"),
+    [
+        ("POST", "Content-Type, traceparent", "content-type"),
+        ("GET", "if-modified-since", "if-modified-since"),
+        ("GET", None, None),
+    ],
+)
+def test_backend_preflight_grants_its_methods_and_headers_only(
+    client: FlaskClient, method: str, requested: str | None, allow_headers: str | None
+) -> None:
+    headers = {"Origin": DEMO, "Access-Control-Request-Method": method}
+    if requested is not None:
+        headers["Access-Control-Request-Headers"] = requested
+    response = client.options("/api/activities/home", headers=headers)
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == DEMO
+    assert response.headers["Access-Control-Allow-Methods"] == "OPTIONS, GET, HEAD, POST"
+    assert response.headers.get("Access-Control-Allow-Headers") == allow_headers
+    assert "Access-Control-Allow-Credentials" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("GET", "/api/activities/home", {"Origin": "https://evil.example"}),
+        ("GET", "/api/activities/home", {"Origin": "HTTP://LOCALHOST:3000"}),
+        ("GET", "/api/activities/home", {"Origin": DEMO + "/"}),
+        ("GET", "/api/activities/home", {}),
+        ("OPTIONS", "/api/echo", {"Origin": DEMO, "Access-Control-Request-Method": "PUT"}),
+        ("OPTIONS", "/api/echo", {"Origin": DEMO, "Access-Control-Request-Method": "DELETE"}),
+    ],
+)
+def test_backend_grants_nothing_else(
+    client: FlaskClient, method: str, path: str, headers: dict[str, str]
+) -> None:
+    response = client.open(path, method=method, headers=headers)
+    for name in CORS_HEADERS:
+        assert name not in response.headers
+
+
+def test_backend_cors_is_for_api_paths_only(exporter: InMemorySpanExporter) -> None:
+    app = _app(exporter)
+    app.add_url_rule("/elsewhere", view_func=lambda: "x")
+    response = app.test_client().get("/elsewhere", headers={"Origin": DEMO})
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_frontend_url_names_the_granted_origins(exporter: InMemorySpanExporter) -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    options = parse_options([], {"FRONTEND_URL": "https://app.example.com/ , http://a.test:8080"})
+    assert options.frontend_origins == ("https://app.example.com", "http://a.test:8080")
+    app = create_app(tracer_provider=provider, frontend_origins=options.frontend_origins)
+    for origin, granted in ((DEMO, False), ("https://app.example.com", True)):
+        response = app.test_client().get("/api/health", headers={"Origin": origin})
+        assert ("Access-Control-Allow-Origin" in response.headers) is granted
+    assert parse_options([], {}).frontend_origins == (DEMO, "http://127.0.0.1:3000")
+    flag = parse_options(["--frontend-url", "http://x.test"], {"FRONTEND_URL": "bad"})
+    assert flag.frontend_origins == ("http://x.test",)
+
+
 # --- the command line ----------------------------------------------------------
 
 
@@ -404,6 +489,8 @@ def test_options_flag_beats_environment_beats_default() -> None:
         ([], {"BACKEND_LOG_LEVEL": "loud"}, "the log level must be one of"),
         ([], {"BACKEND_ENABLE_TEST_CALLBACK": "maybe"}, "BACKEND_ENABLE_TEST_CALLBACK='maybe'"),
         (["--host", " "], {}, "--host is empty"),
+        ([], {"FRONTEND_URL": "localhost:3000"}, "FRONTEND_URL='localhost:3000': origins look"),
+        (["--frontend-url", "http://a.test/path"], {}, "--frontend-url='http://a.test/path'"),
     ],
 )
 def test_options_bad_values_exit_2_with_the_source_named(

@@ -15,7 +15,9 @@ def test_defaults_match_the_design_table() -> None:
     config = GatewayConfig.from_env({}, {})
     assert config.upstream == "http://127.0.0.1:4567"
     assert (config.host, config.port) == ("127.0.0.1", 8080)
-    assert config.allowed_origins == ("http://localhost:3000", "http://127.0.0.1:3000")
+    # No cross-origin page unless named: the snippet served by the gateway
+    # itself (same origin) is all that works out of the box.
+    assert config.allowed_origins == ()
     assert config.trust_context == "continue"
     assert config.clock_key_generated
     assert len(config.clock_key) == 32
@@ -56,6 +58,16 @@ def test_environment_values_are_parsed() -> None:
     assert config.read_timeout_s == 2.5
 
 
+def test_origin_patterns_are_accepted() -> None:
+    raw = "https://*.example.com, http://*.dev.example:8080, http://localhost:5173"
+    config = GatewayConfig.from_env({}, {"GATEWAY_ALLOWED_ORIGINS": raw})
+    assert config.allowed_origins == (
+        "https://*.example.com",
+        "http://*.dev.example:8080",
+        "http://localhost:5173",
+    )
+
+
 def test_clock_key_never_in_repr() -> None:
     config = GatewayConfig.from_env({}, {"GATEWAY_CLOCK_KEY": "super-secret-clock-key"})
     assert "super-secret" not in repr(config)
@@ -73,6 +85,13 @@ def test_clock_key_never_in_repr() -> None:
         ({"GATEWAY_TRUST_CONTEXT": "maybe"}, "GATEWAY_TRUST_CONTEXT must be one of"),
         ({"GATEWAY_ALLOWED_ORIGINS": "*"}, "must be origins like"),
         ({"GATEWAY_ALLOWED_ORIGINS": "http://a.com/path"}, "must be origins like"),
+        ({"GATEWAY_ALLOWED_ORIGINS": "https://*"}, "patterns need"),
+        ({"GATEWAY_ALLOWED_ORIGINS": "https://*.com"}, "patterns need"),
+        ({"GATEWAY_ALLOWED_ORIGINS": "https://a.*.example.com"}, "patterns need"),
+        ({"GATEWAY_ALLOWED_ORIGINS": "https://*a.example.com"}, "patterns need"),
+        ({"GATEWAY_ALLOWED_ORIGINS": "https://*.*.example.com"}, "patterns need"),
+        ({"GATEWAY_ALLOWED_ORIGINS": "*.example.com"}, "must be origins like"),
+        ({"GATEWAY_ALLOWED_ORIGINS": "https://*.example.com/"}, "must be origins like"),
         ({"GATEWAY_CLOCK_KEY": "short"}, "at least 16 bytes"),
         ({"GATEWAY_CONNECT_TIMEOUT_S": "-1"}, "positive number of seconds"),
         ({"GATEWAY_READ_TIMEOUT_S": "nan"}, "finite number"),
@@ -141,3 +160,22 @@ def test_cli_help_lists_every_flag_with_its_variable() -> None:
     ]:
         assert flag in result.stdout
         assert var in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "enabled"),
+    [
+        ({}, "CORS origins enabled: none: same-origin pages only"),
+        (
+            {"GATEWAY_ALLOWED_ORIGINS": "https://*.example.com,HTTPS://App.Example.org:443"},
+            "CORS origins enabled: https://app.example.org, https://*.example.com",
+        ),
+    ],
+)
+def test_first_log_line_says_which_origins_are_enabled(env: dict[str, str], enabled: str) -> None:
+    from tests.servers import Process
+
+    with Process("gateway", ["--port", "0", "--workers", "1"], env) as proc:
+        _, stderr = proc.terminate()
+    first = stderr.splitlines()[0]
+    assert first.endswith(enabled), stderr

@@ -34,6 +34,7 @@ def gateway_proc(receiver: OtlpReceiver, backend_proc: Process) -> Iterator[Proc
         "GATEWAY_CLOCK_KEY": CLOCK_KEY,
         "HONEYCOMB_API_KEY": HONEYCOMB_KEY,
         "GATEWAY_LOG_LEVEL": "debug",
+        "GATEWAY_ALLOWED_ORIGINS": "http://localhost:3000,http://127.0.0.1:3000",
     }
     args = ["--upstream", backend_proc.url, "--port", "0", "--workers", "1"]
     with Process("gateway", args, env) as proc:
@@ -289,6 +290,105 @@ def test_cors_never_exposes_anything_to_an_origin_not_allowlisted(
         "access-control-allow-credentials",
     ):
         assert name not in names, (origin, response_headers)
+
+
+_OURS = ("traceparent", "tracestate", "x-client-timestamp", "x-client-clock", "x-client-prev")
+_VISIBLE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    origin=st.sampled_from(
+        ["http://localhost:3000", "http://127.0.0.1:3000", "https://evil.example", "null"]
+    ),
+    method=st.one_of(
+        st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "get", "OPTIONS", ""]), _VISIBLE
+    ),
+    names=st.lists(
+        st.one_of(
+            st.sampled_from(
+                [*_OURS, "Traceparent", "content-type", "x-page", "if-modified-since", "*", ""]
+            ),
+            _VISIBLE,
+        ),
+        max_size=6,
+    ),
+    separator=st.sampled_from([", ", ",", " ,  "]),
+)
+def test_fuzzed_preflights_never_grant_more_than_ours_or_the_backends(
+    gateway_proc: Process, origin: str, method: str, names: list[str], separator: str
+) -> None:
+    requested = separator.join(names)
+    request = (
+        f"OPTIONS /api/activities/home HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n"
+        f"Access-Control-Request-Method: {method}\r\n"
+        f"Access-Control-Request-Headers: {requested}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, response_headers, _ = parse_head(raw_request(gateway_proc.port, request))
+    assert status < 500, response_headers
+    got = {name.lower(): value for name, value in response_headers}
+    tokens = [n.strip().lower() for n in requested.split(",") if n.strip()]
+    ours_only = bool(tokens) and all(n in _OURS for n in tokens)
+    allowed_origin = origin in ("http://localhost:3000", "http://127.0.0.1:3000")
+    # Fetch standard §3.2: only a preflight our headers caused is the
+    # gateway's to answer (the only answer here with credentials).
+    answered_by_gateway = allowed_origin and method in ("GET", "HEAD", "POST") and ours_only
+    assert ("access-control-allow-credentials" in got) is answered_by_gateway, got
+    granted = [n.strip().lower() for n in got.get("access-control-allow-headers", "").split(",")]
+    backend_allows = {"content-type", "if-modified-since"}
+    assert set(granted) - {""} <= set(_OURS) | backend_allows, got
+    if not allowed_origin:
+        assert not set(granted) & set(_OURS), got
+
+
+@pytest.fixture(scope="module")
+def pattern_gateway(backend_proc: Process) -> Iterator[Process]:
+    env = {"GATEWAY_ALLOWED_ORIGINS": "https://*.example.com", "GATEWAY_CLOCK_KEY": CLOCK_KEY}
+    args = ["--upstream", backend_proc.url, "--port", "0", "--workers", "1"]
+    with Process("gateway", args, env) as proc:
+        yield proc
+
+
+def _one_label_under_example_com(origin: str) -> bool:
+    """The reference reading of https://*.example.com, written apart from the
+    gateway's: one whole DNS label (RFC 6125 §6.4.3, RFC 1035 §2.3.1)."""
+    prefix, suffix = "https://", ".example.com"
+    if not (origin.startswith(prefix) and origin.endswith(suffix)):
+        return False
+    label = origin[len(prefix) : -len(suffix)]
+    return (
+        0 < len(label) <= 63
+        and all(c in "abcdefghijklmnopqrstuvwxyz0123456789-" for c in label)
+        and not label.startswith("-")
+        and not label.endswith("-")
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    scheme=st.sampled_from(["https://", "http://", "HTTPS://", "https:/", ""]),
+    label=st.one_of(
+        st.sampled_from(["app", "a-1", "", "-a", "a-", "a.b", "APP", "x" * 63, "x" * 64]),
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=20),
+    ),
+    suffix=st.sampled_from(
+        [".example.com", "example.com", ".example.com:443", ".example.com.evil", ".Example.com"]
+    ),
+)
+def test_fuzzed_origins_match_a_pattern_only_as_one_label(
+    pattern_gateway: Process, scheme: str, label: str, suffix: str
+) -> None:
+    origin = scheme + label + suffix
+    request = (
+        f"GET /__gateway/clock HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, response_headers, _ = parse_head(raw_request(pattern_gateway.port, request))
+    assert status == 204
+    got = {name.lower(): value for name, value in response_headers}
+    granted = got.get("access-control-allow-origin") == origin
+    assert granted is _one_label_under_example_com(origin), (origin, got)
+    if not granted:
+        assert "access-control-allow-origin" not in got
 
 
 def test_timing_and_beacon_floods_stay_within_limits(gateway_proc: Process) -> None:

@@ -559,73 +559,302 @@ async def test_health_reports_upstream_and_exporter(
         assert (await resp.json())["upstream"]["reachable"] is False
 
 
-async def test_preflight_from_allowed_origin_is_answered_by_the_gateway(
+OURS = ("traceparent", "tracestate", "x-client-timestamp", "x-client-clock", "x-client-prev")
+DEMO = "http://localhost:3000"
+CORS_NAMES = (
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Credentials",
+    "Access-Control-Allow-Headers",
+    "Access-Control-Allow-Methods",
+    "Access-Control-Expose-Headers",
+    "Timing-Allow-Origin",
+)
+
+
+def _list(value: str | None) -> list[str]:
+    return [t.strip().lower() for t in (value or "").split(",") if t.strip()]
+
+
+def _preflight(origin: str, method: str, request_headers: str | None) -> dict[str, str]:
+    headers = {"Origin": origin, "Access-Control-Request-Method": method}
+    if request_headers is not None:
+        headers["Access-Control-Request-Headers"] = request_headers
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("method", "requested"),
+    [
+        ("GET", "traceparent, x-client-timestamp, x-client-clock, x-client-prev"),
+        ("HEAD", "traceparent,tracestate"),
+        ("POST", "Traceparent, X-Client-Timestamp"),
+    ],
+)
+async def test_preflight_caused_by_our_headers_only_is_answered_by_the_gateway(
     gateway: GatewayFactory,
     http: aiohttp.ClientSession,
     gateway_spans: Traced,
     backend: BackendThread,
+    method: str,
+    requested: str,
 ) -> None:
+    # Fetch standard §3.2.3: our answer grants exactly what was asked.
     base = await gateway()
     async with http.options(
-        base + "/api/echo",
-        headers={
-            "Origin": "http://localhost:3000",
-            "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type, traceparent",
-        },
+        base + "/api/echo", headers=_preflight(DEMO, method, requested)
     ) as resp:
         assert resp.status == 204
-        assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
-        allowed = resp.headers["Access-Control-Allow-Headers"].lower()
-        for name in (
-            "traceparent",
-            "tracestate",
-            "x-client-timestamp",
-            "x-client-clock",
-            "x-client-prev",
-            "content-type",
-        ):
-            assert name in allowed
-        assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+        assert resp.headers["Access-Control-Allow-Origin"] == DEMO
+        assert resp.headers["Access-Control-Allow-Credentials"] == "true"
+        assert resp.headers["Access-Control-Allow-Methods"] == method
+        # All of ours (a cached answer then covers X-Client-Prev, added from
+        # the second request on), and nothing else.
+        assert _list(resp.headers["Access-Control-Allow-Headers"]) == list(OURS)
         assert int(resp.headers["Access-Control-Max-Age"]) > 0
+        assert "origin" in _list(resp.headers["Vary"])
     assert backend.traced.spans() == []
     assert gateway_spans.spans() == []
 
 
-async def test_preflight_from_other_origin_goes_to_the_backend_untouched(
+@pytest.mark.parametrize(
+    ("method", "requested", "granted"),
+    [
+        # content-type is listed only when its value is not safelisted (Fetch
+        # §2.2.2 "CORS-unsafe request-header names"): the backend decides.
+        ("POST", "content-type, traceparent", ["content-type"]),
+        ("GET", "content-type", ["content-type"]),
+        # A header neither ours nor the backend's: the backend does not list
+        # it, and neither do we.
+        ("POST", "traceparent, x-page", []),
+        ("GET", None, []),
+    ],
+)
+async def test_other_preflights_reach_the_backend_and_get_our_names_added(
+    gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    gateway_spans: Traced,
+    backend: BackendThread,
+    method: str,
+    requested: str | None,
+    granted: list[str],
+) -> None:
+    base = await gateway()
+    async with http.options(
+        base + "/api/activities/home", headers=_preflight(DEMO, method, requested)
+    ) as resp:
+        assert resp.status == 200  # the backend's answer
+        assert resp.headers["Access-Control-Allow-Origin"] == DEMO  # the backend's grant
+        assert "Access-Control-Allow-Credentials" not in resp.headers
+        allowed = _list(resp.headers["Access-Control-Allow-Headers"])
+        assert allowed == [*granted, *OURS]  # merged, each name once
+        assert "x-page" not in allowed
+    assert [s.name for s in backend.traced.spans()] == ["OPTIONS /api/activities/home"]
+    assert [s.name for s in gateway_spans.spans()] == ["OPTIONS", "OPTIONS"]
+
+
+async def test_preflight_for_a_method_the_backend_refuses_passes_untouched(
     gateway: GatewayFactory, http: aiohttp.ClientSession, backend: BackendThread
 ) -> None:
     base = await gateway()
     async with http.options(
-        base + "/api/echo",
-        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        base + "/api/echo", headers=_preflight(DEMO, "PUT", "traceparent")
     ) as resp:
         echo = await resp.json()
-        assert "Access-Control-Allow-Origin" not in resp.headers
-        assert "Timing-Allow-Origin" not in resp.headers
-    assert echo["method"] == "OPTIONS"
+        for name in CORS_NAMES:
+            assert name not in resp.headers
+    assert echo["method"] == "OPTIONS"  # forwarded, not answered by the gateway
 
 
-async def test_cors_exposure_only_for_allowed_origins(
+@pytest.mark.parametrize("origin", ["https://app.example.com", "https://evil.example"])
+async def test_backend_not_granting_an_origin_gets_nothing_added(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, origin: str
+) -> None:
+    # app.example.com is allowed by the gateway, not by the backend: the
+    # backend's "no" stands, on preflights and on responses.
+    base = await gateway(allowed_origins=("https://app.example.com",))
+    async with http.options(
+        base + "/api/activities/home", headers=_preflight(origin, "POST", "content-type")
+    ) as resp:
+        for name in CORS_NAMES:
+            assert name not in resp.headers
+    async with http.get(base + "/api/activities/home", headers={"Origin": origin}) as resp:
+        assert resp.status == 200
+        for name in CORS_NAMES:
+            assert name not in resp.headers
+
+
+async def test_exposure_added_only_where_the_backend_granted(
     gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
     base = await gateway()
-    async with http.get(
-        base + "/api/activities/home", headers={"Origin": "http://127.0.0.1:3000"}
+    async with http.get(base + "/api/activities/home", headers={"Origin": DEMO}) as resp:
+        assert resp.headers["Access-Control-Allow-Origin"] == DEMO  # the backend's own
+        assert "Access-Control-Allow-Credentials" not in resp.headers
+        assert _list(resp.headers["Access-Control-Expose-Headers"]) == [
+            "location",
+            "link",
+            "server-timing",
+            "x-gateway-clock",
+        ]
+        assert resp.headers["Timing-Allow-Origin"] == DEMO
+        assert [v.lower() for v in resp.headers.getall("Vary")].count("origin") == 1
+
+
+@pytest.mark.parametrize(
+    ("backend_headers", "expected"),
+    [
+        # "*" grants every origin without credentials: our additions follow,
+        # Allow-Origin stays "*" and no Allow-Credentials appears.
+        (
+            b"Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: X-Own\r\n",
+            {
+                "Access-Control-Allow-Origin": "*",
+                "Access-Control-Expose-Headers": "X-Own, Server-Timing, X-Gateway-Clock",
+                "Timing-Allow-Origin": DEMO,
+            },
+        ),
+        # Credentials granted by the backend stay exactly as they were.
+        (
+            b"Access-Control-Allow-Origin: http://localhost:3000\r\n"
+            b"Access-Control-Allow-Credentials: true\r\n",
+            {
+                "Access-Control-Allow-Origin": DEMO,
+                "Access-Control-Allow-Credentials": "true",
+                "Access-Control-Expose-Headers": "Server-Timing, X-Gateway-Clock",
+                "Timing-Allow-Origin": DEMO,
+            },
+        ),
+        # Another origin granted, or none: nothing of ours is added.
+        (
+            b"Access-Control-Allow-Origin: https://other.example\r\n",
+            {"Access-Control-Allow-Origin": "https://other.example"},
+        ),
+        (b"", {}),
+    ],
+)
+async def test_proxied_responses_keep_the_backends_allow_origin_and_credentials(
+    gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    backend_headers: bytes,
+    expected: dict[str, str],
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + backend_headers + b"\r\nok"
+    async with ScriptedUpstream({"/x": fixed(answer)}) as up:
+        base = await gateway(upstream=up.url)
+        async with http.get(base + "/x", headers={"Origin": DEMO}) as resp:
+            assert resp.status == 200
+            got = {name: resp.headers[name] for name in CORS_NAMES if name in resp.headers}
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("allow_headers", "expected"),
+    [
+        (b"Access-Control-Allow-Headers: *\r\n", "*"),
+        (
+            b"Access-Control-Allow-Headers: X-Own, traceparent\r\n",
+            "X-Own, traceparent, " + ", ".join(OURS[1:]),
+        ),
+    ],
+)
+async def test_backend_preflight_grant_is_merged_not_replaced(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, allow_headers: bytes, expected: str
+) -> None:
+    answer = (
+        b"HTTP/1.1 204 No Content\r\nAccess-Control-Allow-Origin: *\r\n"
+        b"Access-Control-Allow-Methods: PUT\r\n" + allow_headers + b"\r\n"
+    )
+    async with ScriptedUpstream({"/x": fixed(answer)}) as up:
+        base = await gateway(upstream=up.url)
+        async with http.options(base + "/x", headers=_preflight(DEMO, "PUT", "x-own")) as resp:
+            assert resp.status == 204
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            assert resp.headers["Access-Control-Allow-Methods"] == "PUT"
+            assert resp.headers["Access-Control-Allow-Headers"] == expected
+            assert "Access-Control-Allow-Credentials" not in resp.headers
+    assert len(up.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("origin", "matches"),
+    [
+        ("https://app.example.com", True),
+        ("https://a-1.example.com", True),
+        ("https://xn--bcher-kva.example.com", True),
+        ("https://example.com", False),
+        ("https://evilexample.com", False),
+        ("https://a.b.example.com", False),
+        ("https://.example.com", False),
+        ("https://app.example.com.evil.example", False),
+        ("http://app.example.com", False),  # the scheme must match
+        ("https://app.example.com:8443", False),  # and the port
+        ("https://-a.example.com", False),
+        ("https://app.example.com/", False),
+    ],
+)
+async def test_origin_patterns_stand_for_one_dns_label(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, origin: str, matches: bool
+) -> None:
+    # As TLS wildcards (RFC 6125 §6.4.3): "*" is exactly one whole label.
+    base = await gateway(allowed_origins=("https://*.example.com", "http://*.test.example:8080"))
+    async with http.options(
+        base + "/api/echo", headers=_preflight(origin, "GET", "traceparent")
     ) as resp:
-        assert resp.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:3000"
-        assert "Server-Timing" in resp.headers["Access-Control-Expose-Headers"]
-        assert resp.headers["Timing-Allow-Origin"] == "http://127.0.0.1:3000"
-        assert "Origin" in resp.headers.getall("Vary")
-    async with http.get(
-        base + "/api/activities/home", headers={"Origin": "https://evil.example"}
+        answered_by_gateway = resp.status == 204
+        assert (resp.headers.get("Access-Control-Allow-Origin") == origin) is matches
+    assert answered_by_gateway is matches
+    async with http.get(base + "/__gateway/clock", headers={"Origin": origin}) as resp:
+        assert (resp.headers.get("Access-Control-Allow-Origin") == origin) is matches
+
+
+async def test_pattern_port_must_match(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    base = await gateway(allowed_origins=("http://*.test.example:8080",))
+    for origin, matches in (
+        ("http://a.test.example:8080", True),
+        ("http://a.test.example", False),
+        ("http://a.test.example:80800", False),
+    ):
+        async with http.get(base + "/__gateway/clock", headers={"Origin": origin}) as resp:
+            assert (resp.headers.get("Access-Control-Allow-Origin") == origin) is matches, origin
+
+
+async def test_empty_allow_list_grants_no_cross_origin_page(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, backend: BackendThread
+) -> None:
+    base = await gateway(allowed_origins=())
+    # Our headers' preflight goes to the backend, which grants its own list
+    # only: nothing of ours is merged in.
+    async with http.options(
+        base + "/api/activities/home", headers=_preflight(DEMO, "GET", "traceparent")
     ) as resp:
-        for name in (
-            "Access-Control-Allow-Origin",
-            "Access-Control-Expose-Headers",
-            "Timing-Allow-Origin",
-        ):
+        assert resp.status == 200
+        assert "Access-Control-Allow-Headers" not in resp.headers
+    async with http.get(base + "/api/activities/home", headers={"Origin": DEMO}) as resp:
+        assert resp.headers["Access-Control-Allow-Origin"] == DEMO  # the backend's
+        assert _list(resp.headers["Access-Control-Expose-Headers"]) == ["location", "link"]
+        assert "Timing-Allow-Origin" not in resp.headers
+    async with http.get(base + "/__gateway/clock", headers={"Origin": DEMO}) as resp:
+        assert resp.status == 204
+        for name in CORS_NAMES:
             assert name not in resp.headers
+
+
+async def test_own_endpoints_are_granted_without_credentials(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    base = await gateway()
+    async with http.get(base + "/__gateway/clock", headers={"Origin": DEMO}) as resp:
+        assert resp.headers["Access-Control-Allow-Origin"] == DEMO
+        assert "X-Gateway-Clock" in resp.headers["Access-Control-Expose-Headers"]
+        assert "Access-Control-Allow-Credentials" not in resp.headers
+    async with http.options(
+        base + "/__gateway/beacon", headers=_preflight(DEMO, "POST", "content-type")
+    ) as resp:
+        assert resp.status == 204
+        assert resp.headers["Access-Control-Allow-Origin"] == DEMO
+        assert "Access-Control-Allow-Credentials" not in resp.headers
 
 
 async def test_unknown_method_is_other_in_the_span(
