@@ -576,6 +576,11 @@ def test_a_poisoned_beacon_loses_no_gateway_span(backend: Any) -> None:
             )
             assert [s.service for s in spans].count("browser") == 0
             assert json.loads(body) == {"accepted": 0, "dropped": {"marks": 1}}
+            status, _, health = call(gw.port, "GET", "/__gateway/health", {})
+            exporter = json.loads(health)["exporter"]
+            assert exporter["unencodable_spans"] == 0
+            assert isinstance(exporter["queued_spans"], int)
+            assert json.loads(health)["beacon"]["dropped_marks"] == 1
             _, stderr = gw.terminate()
         assert "Traceback" not in stderr
         assert "Failed to encode" not in stderr
