@@ -1,4 +1,4 @@
-/* latency-gateway snippet: the browser half of the latency tracing gateway (DESIGN §6, §7).
+/* latency-gateway snippet: the browser half of the latency tracing gateway (README, "Add it to your frontend").
  *
  * What it is for: give each fetch()/XMLHttpRequest to the page's own origin
  * or to an enabled gateway origin a fresh `traceparent` and the X-Client-*
@@ -92,14 +92,16 @@
     return r;
   };
 
-  /** `X-Gateway-Clock: t1=<ms>, t2=<ms>, tok="<token>"` → {t1, t2, tok} or
-   * null. We echo the token in X-Client-Clock, so only the gateway's own
-   * alphabet is kept: anything else would make our next header invalid. */
+  /** `X-Gateway-Clock: t1=<ms>, t2=<ms>, tok="<token>", bind="<mac>"` →
+   * {t1, t2, tok, b} or null. We echo the token in X-Client-Clock, so only
+   * the gateway's own alphabet is kept: anything else would make our next
+   * header invalid. bind ties the token to this request's traceparent; it
+   * only goes back in a beacon entry (JSON), which the gateway checks. */
   const parseGatewayClock = (s) => {
     const o = {};
     for (const [[k, v]] of items(s)) o[k] = v;
     return NUM.test(o.t1) && NUM.test(o.t2)
-      ? { t1: +o.t1, t2: +o.t2, tok: /^[\w.-]{1,256}$/.test(o.tok || "") ? o.tok : null }
+      ? { t1: +o.t1, t2: +o.t2, tok: /^[\w.-]{1,256}$/.test(o.tok || "") ? o.tok : null, b: o.bind }
       : null;
   };
 
@@ -117,7 +119,7 @@
    * sent at c0 (none for the burst), unless the answer is stale: false then.
    * A copy from the HTTP cache (RFC 9111) or a CDN repeats an old
    * X-Gateway-Clock, whose token carries that request's X-Client-Timestamp
-   * as TS (whole ms, DESIGN §6). Its sample would look fast, win the
+   * as TS (whole ms). Its sample would look fast, win the
    * min-delay filter and bring a stale offset; its token and Server-Timing
    * belong to someone else. */
   const take = (o, k, t0, t3, c0) => {
@@ -248,11 +250,11 @@
     }
     emit(d);
     // A page-made traceparent names the page's span, not ours to report; and
-    // without a token the gateway would drop the entry anyway.
-    if (B && x.k && x.k.tok && !x.own) {
+    // without a token and its bind the gateway would drop the entry anyway.
+    if (B && x.k && x.k.b && !x.own) {
       const marks = {};
       for (const n of MARKS) marks[n] = toC(e[n]);
-      o.q.push({ tp: traceparent(d.traceId, d.spanId), m: d.method, u: d.url, tok: x.k.tok, off: x.off, marks }) < 20
+      o.q.push({ tp: traceparent(d.traceId, d.spanId), m: d.method, u: d.url, tok: x.k.tok, b: x.k.b, off: x.off, marks }) < 20
         ? tm || (tm = setTimeout(flush, FM))
         : flush();
     }
@@ -333,7 +335,7 @@
         anchor();
         // Coming back to a tab is when a stalled clock shows: re-anchor before
         // its first request. Leaving may be the last chance to report.
-        D.addEventListener("visibilitychange", () => (D.visibilityState == "hidden" ? flush() : anchor()));
+        D.addEventListener("visibilitychange", () => (D.hidden ? flush() : anchor()));
         addEventListener("pagehide", flush);
         safe(() => new PerformanceObserver((l) => safe(() => l.getEntries().forEach(match))).observe({ type: "resource", buffered: true }));
         state(location.origin).on = 1; // same-origin: no CORS to ask for

@@ -27,6 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry.trace import (
     Span,
+    SpanContext,
     SpanKind,
     Status,
     StatusCode,
@@ -44,6 +45,7 @@ from gateway.config import GatewayConfig
 from gateway.cors import Cors
 from gateway.http import json_error, method_attribute, ms, span_name
 from gateway.reserved import Reserved
+from gateway.telemetry import Telemetry
 
 log = logging.getLogger("gateway")
 
@@ -168,6 +170,7 @@ class Gateway:
         verdict = self.measurement.evaluate(request.headers, fwd.client_address, t1_ns / 1e6)
         measure.record(server_span, verdict)
         exchange = _Exchange(server_span, origin, preflight, t1_ns, t1_perf, verdict)
+        exchange.inbound = measure.inbound_span_context(inbound)
         try:
             return await self._forward(request, exchange, fwd)
         except BaseException as exc:
@@ -339,7 +342,9 @@ class Gateway:
         # gw;dur so that t2 − t1 in the header equals the gateway's time.
         t1_ms = exchange.t1_ns / 1e6
         t2_ms = t1_ms + gw_ns / 1e6
-        headers["X-Gateway-Clock"] = self.measurement.clock_header(t1_ms, t2_ms, exchange.verdict)
+        headers["X-Gateway-Clock"] = self.measurement.clock_header(
+            t1_ms, t2_ms, exchange.verdict, exchange.inbound
+        )
         if exchange.origin is not None:
             if exchange.preflight:
                 self.cors.merge_preflight(headers, exchange.origin)
@@ -361,7 +366,7 @@ async def _to_client(write: Awaitable[object]) -> None:
 class _Exchange:
     """What one proxied request carries from receipt to response headers."""
 
-    __slots__ = ("origin", "preflight", "server_span", "t1_ns", "t1_perf", "verdict")
+    __slots__ = ("inbound", "origin", "preflight", "server_span", "t1_ns", "t1_perf", "verdict")
 
     def __init__(
         self,
@@ -378,6 +383,8 @@ class _Exchange:
         self.t1_ns = t1_ns
         self.t1_perf = t1_perf
         self.verdict = verdict
+        # The span context the client sent, which X-Gateway-Clock's bind names.
+        self.inbound: SpanContext | None = None
 
 
 def redact(url: URL) -> str:
@@ -416,17 +423,25 @@ def _abort(request: web.BaseRequest) -> None:
 
 
 def create_app(
-    config: GatewayConfig, *, tracer_provider: ApiTracerProvider | None = None
+    config: GatewayConfig,
+    *,
+    tracer_provider: ApiTracerProvider | None = None,
+    telemetry: Telemetry | None = None,
 ) -> web.Application:
     """The gateway as an aiohttp application (no sockets, no global state).
 
-    ``tracer_provider`` defaults to the global one; tests pass an SDK provider
-    with an in-memory exporter.
+    ``telemetry`` (what ``build_telemetry`` returns) gives the provider, the
+    span processor browser spans go to and the exporter's counters;
+    ``tracer_provider`` alone (tests, embedding) gives spans but no browser
+    spans. Neither: the global provider.
     """
-    provider = tracer_provider if tracer_provider is not None else get_tracer_provider()
+    if telemetry is not None:
+        provider: ApiTracerProvider = telemetry.provider
+    else:
+        provider = tracer_provider if tracer_provider is not None else get_tracer_provider()
     tracer = provider.get_tracer("gateway", __version__)
     gateway = Gateway(config, tracer)
-    reserved = Reserved(config, gateway.cors, gateway.measurement, provider)
+    reserved = Reserved(config, gateway.cors, gateway.measurement, provider, telemetry)
     app = web.Application(handler_args=dict(proxy.PARSER_LIMITS))
     app[CONFIG_KEY] = config
     app.cleanup_ctx.append(gateway.session_ctx)

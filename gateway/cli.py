@@ -191,10 +191,11 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 def run_worker(config: GatewayConfig) -> int:
     """Serve until SIGTERM/SIGINT in this process; return the exit code."""
     from gateway.app import create_app
-    from gateway.telemetry import ALWAYS_ON, build_tracer_provider, shutdown_tracer_provider
+    from gateway.telemetry import ALWAYS_ON, build_telemetry, shutdown_tracer_provider
 
-    provider = build_tracer_provider("gateway", default_sampler=ALWAYS_ON)
-    app = create_app(config, tracer_provider=provider)
+    telemetry = build_telemetry("gateway", default_sampler=ALWAYS_ON)
+    provider = telemetry.provider
+    app = create_app(config, telemetry=telemetry)
 
     async def serve() -> None:
         sock = _listen_socket(config.host, config.port)

@@ -61,6 +61,9 @@ class GatewayConfig:
     # The HMAC key for clock tokens. repr=False: it must never reach a log line.
     clock_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     clock_key_generated: bool = True
+    # Keys tokens and binds are still accepted under during a key rotation
+    # (README, "Rotating the clock key"); never used to sign. repr=False too.
+    clock_previous_keys: tuple[bytes, ...] = field(default=(), repr=False)
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     max_body_bytes: int = 10 * 1024 * 1024
@@ -69,6 +72,8 @@ class GatewayConfig:
     timing_rate: TimingRate = field(default_factory=TimingRate)
     log_level: str = "info"
     browser_service_name: str = "browser"
+    #: Extra query keys whose values are redacted from url.full/url.query.
+    redact_query_params: tuple[str, ...] = ()
 
     @property
     def upstream_url(self) -> URL:
@@ -94,6 +99,12 @@ class GatewayConfig:
             _check_origin(origin)
         if len(self.clock_key) < 16:
             raise ConfigError("GATEWAY_CLOCK_KEY must be at least 16 bytes long")
+        for number, key in enumerate(self.clock_previous_keys, 1):
+            if len(key) < 16:
+                # Never the key itself in the message: it is a secret.
+                raise ConfigError(
+                    f"GATEWAY_CLOCK_PREVIOUS_KEYS: key {number} must be at least 16 bytes long"
+                )
         for name, value in (
             ("GATEWAY_CONNECT_TIMEOUT_S", self.connect_timeout_s),
             ("GATEWAY_READ_TIMEOUT_S", self.read_timeout_s),
@@ -143,6 +154,11 @@ class GatewayConfig:
             ),
             clock_key=key_text.encode() if key_text else defaults.clock_key,
             clock_key_generated=not key_text,
+            # Environment only, like the key should be: a flag shows in `ps`.
+            clock_previous_keys=tuple(
+                item.encode()
+                for item in _parse_list("", env.get("GATEWAY_CLOCK_PREVIOUS_KEYS", ""))
+            ),
             connect_timeout_s=pick(
                 "connect_timeout_s", "GATEWAY_CONNECT_TIMEOUT_S", _parse_float, 5.0
             ),

@@ -2,8 +2,9 @@
 
 What it is for: reading the ``X-Client-*`` headers off a request, applying the
 per-client rate limit, minting the ``X-Gateway-Clock`` header for the
-response, and writing a verdict onto the SERVER span as the ``latency.*``
-attributes of DESIGN §6.
+response (bound to the request's inbound trace), and writing a verdict onto
+the SERVER span as the ``latency.*`` attributes (README, "How the latency is
+measured").
 
 Not for: the maths itself (``timing.py``), which stays free of I/O and clocks.
 """
@@ -17,10 +18,11 @@ import time
 from typing import Any, Final
 
 from multidict import CIMultiDictProxy
-from opentelemetry.trace import Span
+from opentelemetry.trace import Span, SpanContext, get_current_span
 
 from gateway import timing
 from gateway.config import GatewayConfig
+from gateway.context import InboundContext
 
 log = logging.getLogger("gateway.timing")
 
@@ -32,6 +34,7 @@ class Measurement:
 
     def __init__(self, config: GatewayConfig) -> None:
         self._key = config.clock_key
+        self._previous = config.clock_previous_keys
         self.limiter = timing.RateLimiter(config.timing_rate.per_s, config.timing_rate.burst)
         # Token nonces only have to differ, not to be secret (the HMAC key is
         # the secret): a generator seeded once from the OS, rather than an
@@ -55,15 +58,26 @@ class Measurement:
             clock=list(headers.getall("x-client-clock", _NO_VALUES)),
             prev=list(headers.getall("x-client-prev", _NO_VALUES)),
             key=self._key,
+            previous_keys=self._previous,
         )
         if verdict.raw_ms is not None and log.isEnabledFor(logging.DEBUG):
             # The raw difference holds the client's clock offset: debug log
-            # only, never a span (DESIGN §6).
+            # only, never a span.
             log.debug("timing %s/%s raw=%.3f ms", verdict.status, verdict.reason, verdict.raw_ms)
         return verdict
 
-    def clock_header(self, t1_ms: float, t2_ms: float, verdict: timing.Verdict | None) -> str:
-        """``X-Gateway-Clock: t1=…, t2=…, tok="…"`` for a response."""
+    def clock_header(
+        self,
+        t1_ms: float,
+        t2_ms: float,
+        verdict: timing.Verdict | None,
+        inbound: SpanContext | None = None,
+    ) -> str:
+        """``X-Gateway-Clock: t1=…, t2=…, tok="…"`` for a response, plus
+        ``bind="…"`` when the request came with a valid inbound span context:
+        the mac a beacon entry must show to attach a browser span to that
+        trace (none on ``/__gateway/clock`` answers, so their tokens add
+        nothing to a beacon)."""
         uplink, error = verdict.token_fields() if verdict is not None else (None, None)
         token = timing.make_token(
             self._key,
@@ -74,12 +88,26 @@ class Measurement:
             error_ms=error,
             nonce=self._nonces.getrandbits(64).to_bytes(8, "big"),
         )
-        return f't1={t1_ms:.3f}, t2={t2_ms:.3f}, tok="{token}"'
+        header = f't1={t1_ms:.3f}, t2={t2_ms:.3f}, tok="{token}"'
+        if inbound is not None:
+            bind = timing.make_bind(self._key, token, inbound.trace_id, inbound.span_id)
+            header += f', bind="{bind}"'
+        return header
+
+
+def inbound_span_context(inbound: InboundContext) -> SpanContext | None:
+    """The span context the client sent (its traceparent's trace and span
+    id), whatever the trust mode made of it: the parent in ``continue``
+    mode, the link in ``link`` mode, none in ``restart`` mode."""
+    if inbound.links:
+        return inbound.links[0].context
+    span_context = get_current_span(inbound.parent).get_span_context()
+    return span_context if span_context.is_valid else None
 
 
 def server_timing(verdict: timing.Verdict) -> str | None:
     """``uplink;dur=<ms>;desc="<status>"`` when the request carried timing
-    headers, so a page can show what the gateway measured (DESIGN §5)."""
+    headers, so a page can show what the gateway measured."""
     if verdict is timing.ABSENT:
         return None
     if verdict.uplink_ms is None:
@@ -100,7 +128,7 @@ _ATTRIBUTES: Final = (
 
 
 def record(span: Span, verdict: timing.Verdict) -> None:
-    """The ``latency.*`` attributes of DESIGN §6 (never the raw offset)."""
+    """The ``latency.*`` attributes (never the raw offset)."""
     attributes: dict[str, Any] = {
         "latency.status": verdict.status,
         "latency.reason": verdict.reason,

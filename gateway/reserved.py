@@ -1,4 +1,4 @@
-"""The gateway's own endpoints under ``/__gateway/`` (DESIGN §4), never forwarded.
+"""The gateway's own endpoints under ``/__gateway/``, never forwarded.
 
 What it is for: ``clock`` (the snippet's sync burst), ``snippet.js`` /
 ``snippet.mjs`` (the snippet, cacheable), ``beacon`` (browser timings →
@@ -17,17 +17,20 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from multidict import CIMultiDict
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import TracerProvider as ApiTracerProvider
 
 from gateway import __version__, beacon, measure, proxy, timing
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
 from gateway.http import JSON, json_error, ms
+from gateway.redact import QueryRedactor
+
+if TYPE_CHECKING:
+    from gateway.telemetry import Telemetry
 
 #: The snippet file, served at /__gateway/snippet.js (classic script) and
 #: /__gateway/snippet.mjs (the same file with an ES module footer).
@@ -55,6 +58,7 @@ class Reserved:
         cors: Cors,
         measurement: measure.Measurement,
         provider: ApiTracerProvider,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         self.cors = cors
@@ -64,14 +68,16 @@ class Reserved:
         self.beacon_limiter = timing.RateLimiter(BEACON_RATE_PER_S, BEACON_BURST)
         self.browser_resource = beacon.browser_resource(config.browser_service_name)
         self.beacon_counts: Counter[str] = Counter()
+        self.beacon_keys = beacon.Keys(config.clock_key, config.clock_previous_keys)
+        self.redactor = QueryRedactor(config.redact_query_params)
+        self.telemetry = telemetry
         self._health: tuple[float, dict[str, Any]] | None = None
         # Browser spans are built from beacons, not started by a tracer (their
-        # span ids are the browser's), so they go straight to the provider's
-        # span processor: the same batch processor and exporter as the
-        # gateway's own spans (the SDK keeps it in a private attribute).
-        self.span_processor: SpanProcessor | None = getattr(
-            provider, "_active_span_processor", None
-        )
+        # span ids are the browser's), so they go straight to the span
+        # processor the process built: the same batch processor and exporter
+        # as the gateway's own spans. Without one, beacons are checked and
+        # counted but make no span.
+        self.span_processor = telemetry.processor if telemetry is not None else None
         self.snippet: tuple[bytes, str] | None = None
         if SNIPPET_PATH.is_file():
             # Start-up work, before the loop serves anything.
@@ -95,7 +101,7 @@ class Reserved:
             "version": __version__,
             "pid": os.getpid(),
             "upstream": upstream,
-            "exporter": exporter_status(self.provider),
+            "exporter": exporter_status(self.telemetry),
             "beacon": dict(self.beacon_counts),
         }
         return web.Response(
@@ -182,10 +188,11 @@ class Reserved:
             payload = json.loads(body)
             result = beacon.ingest(
                 payload,
-                key=self.config.clock_key,
+                keys=self.beacon_keys,
                 now_ms=time.time_ns() / 1e6,
                 resource=self.browser_resource,
                 processor=self.span_processor,
+                redactor=self.redactor,
             )
         except (ValueError, RecursionError) as exc:  # JSON errors and BeaconError
             self.beacon_counts["bad_beacon"] += 1
@@ -229,15 +236,9 @@ class Reserved:
     # -- the proxy -------------------------------------------------------
 
 
-def exporter_status(provider: ApiTracerProvider | None) -> dict[str, Any]:
-    """Queue size of the batch span processor, when one is there to ask."""
-    status: dict[str, Any] = {"queued_spans": None}
-    if not isinstance(provider, TracerProvider):
-        return status
-    for processor in getattr(provider._active_span_processor, "_span_processors", ()):
-        inner = getattr(processor, "_batch_processor", None)
-        queue = getattr(inner, "_queue", None)
-        if queue is not None:
-            status["queued_spans"] = len(queue)
-            status["max_queue_size"] = getattr(inner, "_max_queue_size", None)
-    return status
+def exporter_status(telemetry: Telemetry | None) -> dict[str, Any]:
+    """Queue size of the batch span processor and spans the exporter dropped
+    as unencodable, when the process built them (``build_telemetry``)."""
+    if telemetry is None:
+        return {"queued_spans": None}
+    return telemetry.exporter_status()

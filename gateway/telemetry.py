@@ -4,11 +4,15 @@ What this module is for: one place that turns the standard ``OTEL_*``
 environment variables into a ``TracerProvider`` exporting OTLP/HTTP through a
 ``BatchSpanProcessor``, so gateway and backend are configured alike.
 
+It also guards the export: :class:`GuardedExporter` drops a span that
+cannot be encoded (a timestamp out of protobuf's range, say) alone, so one
+bad span never loses the batch it sits in.
+
 What it is not for: creating spans. Library code never sets the global tracer
 provider; the entry points (``python -m gateway``, ``python -m backend``) call
 :func:`build_tracer_provider` and pass the result to their ``create_app``.
 
-Telemetry fails open (STYLE.md, after the OTel BatchSpanProcessor): the
+Telemetry fails open (after the OTel BatchSpanProcessor): the
 exporter's blocking HTTP call runs on the processor's own thread, never on the
 event loop or a request thread; export failures are logged at most once a
 minute per logger, and requests never feel them.
@@ -20,12 +24,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler
 from opentelemetry.util.re import parse_env_headers
 
@@ -39,7 +46,7 @@ DEFAULT_OTLP_ENDPOINT = "http://127.0.0.1:4318"
 #: Spans per export batch unless ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` says
 #: otherwise. The processor thread encodes a whole batch while holding the GIL,
 #: which stalls the gateway's event loop: 512-span batches pushed p99 from
-#: 5.6 ms to 29 ms here, 64-span batches to 13 ms (DESIGN §9). Smaller batches
+#: 5.6 ms to 29 ms here, 64-span batches to 13 ms (README, "Benchmarks"). Smaller batches
 #: cost a few more HTTP posts and keep the tail short.
 DEFAULT_EXPORT_BATCH_SIZE = 64
 
@@ -86,7 +93,7 @@ def _install_export_log_limits() -> None:
             logger.addFilter(_RateLimitFilter(EXPORT_LOG_INTERVAL_S))
 
 
-#: DESIGN §3: with a Honeycomb key and no endpoint, spans go to Honeycomb.
+#: With a Honeycomb key and no endpoint, spans go to Honeycomb.
 HONEYCOMB_ENDPOINT = "https://api.honeycomb.io"
 HONEYCOMB_HEADER = "x-honeycomb-team"
 
@@ -115,7 +122,7 @@ def _honeycomb_key(environ: Mapping[str, str]) -> str:
 def otlp_headers(environ: Mapping[str, str]) -> dict[str, str] | None:
     """Export headers: the ``OTEL_EXPORTER_OTLP_*HEADERS`` the SDK would use,
     plus ``x-honeycomb-team`` from ``HONEYCOMB_API_KEY`` unless they already
-    set it (DESIGN §3). None when there is no key: the SDK reads its own.
+    set it. None when there is no key: the SDK reads its own.
 
     An explicit ``headers=`` argument may replace the environment's headers
     (it did in earlier SDKs), so the union is computed here and passed whole.
@@ -150,12 +157,104 @@ def build_resource(default_service_name: str) -> Resource:
     return resource.merge(OTELResourceDetector().detect())
 
 
-def build_tracer_provider(
+class GuardedExporter(SpanExporter):
+    """Delegates to an exporter; a batch that fails is re-encoded span by
+    span with the official OTLP encoder, and the spans that cannot be
+    encoded are dropped and counted, the rest exported.
+
+    ``OTLPSpanExporter.export`` (1.45) catches the encoder's exception
+    itself, logs "Failed to encode span batch" and returns FAILURE for the
+    whole batch: every span in it would be lost for one bad one. The normal
+    path costs nothing extra: only a failed export is looked at again.
+    """
+
+    def __init__(self, delegate: SpanExporter) -> None:
+        self.delegate = delegate
+        self.unencodable_spans = 0
+        self._lock = threading.Lock()
+        self._next_warning = 0.0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self.delegate.export(spans)
+        if result is SpanExportResult.SUCCESS:
+            return result
+        good: list[ReadableSpan] = []
+        bad: list[ReadableSpan] = []
+        for span in spans:
+            (good if _encodable(span) else bad).append(span)
+        if not bad:
+            return result  # not an encoding problem: the endpoint failed
+        with self._lock:
+            self.unencodable_spans += len(bad)
+            total = self.unencodable_spans
+            now = time.monotonic()
+            warn = now >= self._next_warning
+            if warn:
+                self._next_warning = now + EXPORT_LOG_INTERVAL_S
+        if warn:
+            log.warning(
+                "dropped %d span(s) that cannot be encoded for OTLP (%s); %d so far",
+                len(bad),
+                ", ".join(sorted({span.name for span in bad})[:5]),
+                total,
+            )
+        return self.delegate.export(good) if good else SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.delegate.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.delegate.force_flush(timeout_millis)
+
+
+def _encodable(span: ReadableSpan) -> bool:
+    try:
+        encode_spans([span]).SerializePartialToString()
+    except Exception:  # whatever the encoder raises, the span cannot be sent
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """The handles a process keeps on what it built: the provider to start
+    spans with, the span processor spans built elsewhere (browser spans from
+    beacons) are handed to, and the guarded exporter's counters."""
+
+    provider: TracerProvider
+    processor: SpanProcessor | None = None
+    exporter: GuardedExporter | None = field(default=None)
+
+    def exporter_status(self) -> dict[str, Any]:
+        """For ``/__gateway/health``: queued spans and unencodable drops."""
+        status: dict[str, Any] = {"queued_spans": None}
+        if isinstance(self.processor, BatchSpanProcessor):
+            status.update(batch_queue(self.processor))
+        if self.exporter is not None:
+            status["unencodable_spans"] = self.exporter.unencodable_spans
+        return status
+
+
+def batch_queue(processor: BatchSpanProcessor) -> dict[str, int | None]:
+    """``queued_spans`` and ``max_queue_size`` of a batch processor.
+
+    The SDK has no public accessor for its queue; this is the one place that
+    reads its private attributes (tests/test_telemetry.py fails when the SDK
+    moves them)."""
+    inner = getattr(processor, "_batch_processor", None)
+    queue = getattr(inner, "_queue", None)
+    if queue is None:
+        return {"queued_spans": None}
+    return {"queued_spans": len(queue), "max_queue_size": getattr(inner, "_max_queue_size", None)}
+
+
+def build_telemetry(
     default_service_name: str,
     *,
     default_sampler: Sampler | None = None,
-) -> TracerProvider:
-    """A tracer provider exporting OTLP/HTTP protobuf through a batch processor.
+) -> Telemetry:
+    """A tracer provider exporting OTLP/HTTP protobuf through a batch
+    processor and a :class:`GuardedExporter`, with the handles on both.
 
     ``default_sampler`` applies only when ``OTEL_TRACES_SAMPLER`` is unset (the
     gateway passes ``ALWAYS_ON``: it samples every request, whatever the
@@ -165,13 +264,25 @@ def build_tracer_provider(
     env = os.environ
     sampler = default_sampler if "OTEL_TRACES_SAMPLER" not in env else None
     provider = TracerProvider(resource=build_resource(default_service_name), sampler=sampler)
-    exporter = OTLPSpanExporter(endpoint=otlp_traces_endpoint(env), headers=otlp_headers(env))
+    exporter = GuardedExporter(
+        OTLPSpanExporter(endpoint=otlp_traces_endpoint(env), headers=otlp_headers(env))
+    )
     batch_size = None if "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" in env else DEFAULT_EXPORT_BATCH_SIZE
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=batch_size))
+    processor = BatchSpanProcessor(exporter, max_export_batch_size=batch_size)
+    provider.add_span_processor(processor)
     _install_export_log_limits()
     service = provider.resource.attributes.get(SERVICE_NAME)
     log.info("spans from %s go to %s", service, describe_destination(env))
-    return provider
+    return Telemetry(provider, processor, exporter)
+
+
+def build_tracer_provider(
+    default_service_name: str,
+    *,
+    default_sampler: Sampler | None = None,
+) -> TracerProvider:
+    """:func:`build_telemetry`'s provider, for processes that need no other handle."""
+    return build_telemetry(default_service_name, default_sampler=default_sampler).provider
 
 
 #: How long a stopping process waits for queued spans to be exported.
@@ -184,7 +295,7 @@ def shutdown_tracer_provider(
     """Flush and shut the provider down, waiting at most ``timeout_s``.
 
     The OTLP exporter retries an unreachable endpoint for up to its 10 s
-    timeout; telemetry fails open (STYLE.md), so a dead collector must not
+    timeout; telemetry fails open, so a dead collector must not
     hold up a stop. Spans still queued after the wait are dropped, with one
     warning. Returns True when the flush finished in time.
     """
@@ -204,7 +315,10 @@ def shutdown_tracer_provider(
 __all__ = [
     "ALWAYS_ON",
     "DEFAULT_OTLP_ENDPOINT",
+    "GuardedExporter",
+    "Telemetry",
     "build_resource",
+    "build_telemetry",
     "build_tracer_provider",
     "otlp_traces_endpoint",
     "shutdown_tracer_provider",

@@ -3,7 +3,7 @@
 What it is for: turning what a client claims (``X-Client-Timestamp``,
 ``X-Client-Clock``, ``X-Client-Prev``) and what the gateway knows (its receipt
 time t1, the clock token it signed earlier) into an uplink estimate with an
-error bound and a verdict (DESIGN §6). Every time is passed in; nothing here
+error bound and a verdict (README, "How latency is measured"). Every time is passed in; nothing here
 reads a clock, so tests are exact.
 
 Not for: reading headers off a request or writing spans (``app.py``).
@@ -239,7 +239,7 @@ def make_token(
     error_ms: float | None,
     nonce: bytes,
 ) -> str:
-    """``<T2>.<T1>.<TS>.<U>.<E>.<nonce>.<mac>`` (DESIGN §6).
+    """``<T2>.<T1>.<TS>.<U>.<E>.<nonce>.<mac>`` (README, "The server's own bound").
 
     T2 is rounded down (rounding down only loosens the bound t1 − T2), T1,
     TS and U to nearest, E up; integers, so the token splits on dots. The mac
@@ -275,18 +275,30 @@ def _keyed(key: bytes) -> hmac.HMAC:
     return hmac.new(key, digestmod=hashlib.sha256)
 
 
-def verify_token(key: bytes, token: str, t1_ms: float) -> tuple[Token | None, str]:
+#: The longest token we mint is ~90 characters; 256 leaves room and keeps an
+#: attacker-sized string away from the HMAC.
+MAX_TOKEN_CHARS: Final = 256
+
+
+def verify_token(
+    key: bytes, token: str, t1_ms: float, *, previous: tuple[bytes, ...] = ()
+) -> tuple[Token | None, str]:
     """``(token, "")`` when authentic and fresh, else ``(None, reason)``.
 
-    The mac is compared in constant time (``hmac.compare_digest``). A token
-    is fresh when 0 ≤ t1 − T2 ≤ 10 min. It is not bound to a trace: every
-    request starts a new trace, so such a binding could never verify.
+    The mac is compared in constant time (``hmac.compare_digest``), under
+    ``key`` or any of the ``previous`` keys (a key rotation in progress). A
+    token is fresh when 0 ≤ t1 − T2 ≤ 10 min. The token itself is not bound
+    to a trace (the next request starts a new one); a beacon entry proves it
+    belongs to its trace with :func:`make_bind`'s mac instead.
     """
+    if len(token) > MAX_TOKEN_CHARS or not token.isascii():
+        # compare_digest raises TypeError on non-ASCII str: refuse it first.
+        return None, "token_invalid"
     body, _, mac = token.rpartition(".")
     parts = body.split(".")
     if len(parts) != 6 or not mac:
         return None, "token_invalid"
-    if not hmac.compare_digest(mac, _mac(key, body)):
+    if not _mac_ok(key, previous, body, mac):
         # Forged, altered, or minted under another key (a restart with a
         # random key): no evidence of lying, just no server bound.
         return None, "token_invalid"
@@ -302,6 +314,47 @@ def verify_token(key: bytes, token: str, t1_ms: float) -> tuple[Token | None, st
     if age > TOKEN_MAX_AGE_MS:
         return None, "token_expired"
     return Token(t2, t1, ts, up, err), ""
+
+
+def _mac_ok(key: bytes, previous: tuple[bytes, ...], body: str, mac: str) -> bool:
+    # Every key is tried (no early exit on the current one's failure alone),
+    # each comparison in constant time.
+    ok = hmac.compare_digest(mac, _mac(key, body))
+    for old in previous:
+        ok |= hmac.compare_digest(mac, _mac(old, body))
+    return ok
+
+
+def _bind_body(token: str, trace_id: int, span_id: int) -> str:
+    # "bind." first: a bind mac can never be mistaken for a token mac, whose
+    # body starts with digits.
+    return f"bind.{token}.{trace_id:032x}{span_id:016x}"
+
+
+def make_bind(key: bytes, token: str, trace_id: int, span_id: int) -> str:
+    """The mac that binds ``token`` to the trace and span of the inbound
+    traceparent of the request whose response carried it: HMAC-SHA256 over
+    ``bind.<token>.<trace id><span id>``, truncated to 128 bits like the
+    token's own mac. Stateless: any replica with the key can check it."""
+    return _mac(key, _bind_body(token, trace_id, span_id))
+
+
+def verify_bind(
+    key: bytes,
+    bind: str,
+    token: str,
+    trace_id: int,
+    span_id: int,
+    *,
+    previous: tuple[bytes, ...] = (),
+) -> bool:
+    """True when ``bind`` is :func:`make_bind`'s mac for this token and trace
+    under ``key`` or a previous key. Never raises on hostile strings."""
+    if len(bind) > 64 or not bind.isascii() or len(token) > MAX_TOKEN_CHARS:
+        return False
+    if not token.isascii():
+        return False
+    return _mac_ok(key, previous, _bind_body(token, trace_id, span_id), bind)
 
 
 # -- the verdict -------------------------------------------------------------------
@@ -407,6 +460,7 @@ def evaluate(
     clock: list[str],
     prev: list[str],
     key: bytes,
+    previous_keys: tuple[bytes, ...] = (),
 ) -> Verdict:
     """The verdict for one request (DESIGN §6); never raises.
 
@@ -455,7 +509,7 @@ def evaluate(
     token: Token | None = None
     trust_reason = "token_missing"
     if client_clock.token is not None:
-        token, trust_reason = verify_token(key, client_clock.token, t1_ms)
+        token, trust_reason = verify_token(key, client_clock.token, t1_ms, previous=previous_keys)
     trust: Trust = "server_bounded" if token is not None else "client_only"
     upper = t1_ms - token.t2_ms if token is not None else None
     chain_uplink, chain_error = chain_interval(estimate, error, upper)

@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.telemetry import Telemetry
 from tests.otlp_receiver import OtlpReceiver
 from tests.servers import BackendThread, Process
 
@@ -40,6 +41,7 @@ os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
 class Traced:
     provider: TracerProvider
     exporter: InMemorySpanExporter
+    processor: SimpleSpanProcessor | None = None
 
     def spans(self) -> list[ReadableSpan]:
         return list(self.exporter.get_finished_spans())
@@ -53,8 +55,9 @@ def make_traced(sampler: Any = ALWAYS_ON, service: str = "test") -> Traced:
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=sampler, resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return Traced(provider, exporter)
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    return Traced(provider, exporter, processor)
 
 
 # The backend's outgoing ``requests`` calls are instrumented once per process,
@@ -118,7 +121,8 @@ async def gateway(gateway_spans: Traced, backend: BackendThread) -> AsyncIterato
         changes.setdefault("clock_key", b"k" * 32)
         changes.setdefault("allowed_origins", DEMO_ORIGINS)
         config = GatewayConfig().replace(**changes)
-        app = create_app(config, tracer_provider=gateway_spans.provider)
+        telemetry = Telemetry(gateway_spans.provider, gateway_spans.processor)
+        app = create_app(config, telemetry=telemetry)
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
         servers.append(server)

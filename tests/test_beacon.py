@@ -1,4 +1,9 @@
-"""Beacon → browser span (gateway/beacon.py), pure and through the real endpoint."""
+"""Beacon → browser span (gateway/beacon.py), pure and through the real endpoint.
+
+Attacks found against the earlier code, each proven over real sockets here:
+huge times that poisoned the export batch, inputs that got a 500 with a
+traceback, and tokens from ``/__gateway/clock`` or another trace that
+attached browser spans to any trace."""
 
 from __future__ import annotations
 
@@ -12,10 +17,15 @@ import pytest
 from opentelemetry.sdk.resources import Resource
 
 from gateway import beacon
-from gateway.timing import make_token
+from gateway.redact import QueryRedactor
+from gateway.timing import make_bind, make_token
 from tests.conftest import GatewayFactory, Traced
+from tests.otlp_receiver import OtlpReceiver
+from tests.servers import Process
 
 KEY = b"k" * 32  # the key the `gateway` fixture configures
+KEYS = beacon.Keys(KEY)
+REDACTOR = QueryRedactor()
 T = 1_764_000_000_000.0
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"
@@ -29,15 +39,28 @@ def _token(t1: float, ts: float, u: float | None, e: float | None = 2.0) -> str:
     )
 
 
+def _bind(tok: str, trace: str = TRACE, span: str = SPAN, key: bytes = KEY) -> str:
+    return make_bind(key, tok, int(trace, 16), int(span, 16))
+
+
+def _build(entry: dict[str, Any], now_ms: float) -> tuple[Any, str]:
+    tok = entry.get("tok")
+    if "b" not in entry and isinstance(tok, str) and tok.isascii():
+        entry = {**entry, "b": _bind(entry["tok"])}
+    return beacon.build_span(entry, keys=KEYS, now_ms=now_ms, resource=RESOURCE, redactor=REDACTOR)
+
+
 def _entry(**changes: Any) -> dict[str, Any]:
     # The client clock is 1 h behind: its fetch() at C = T − 1 h − 25 ms was
     # received 25 ms later at T on the server.
     ts = T - 3_600_000 - 25
+    tok = _token(T, ts, 25.0)
     entry: dict[str, Any] = {
         "tp": f"00-{TRACE}-{SPAN}-03",
         "m": "GET",
         "u": "http://127.0.0.1:8080/api/activities/home",
-        "tok": _token(T, ts, 25.0),
+        "tok": tok,
+        "b": _bind(tok),
         "off": 3_600_000.0,
         "marks": {
             "startTime": ts,
@@ -52,11 +75,13 @@ def _entry(**changes: Any) -> dict[str, Any]:
         },
     }
     entry.update(changes)
+    if "tok" in changes and "b" not in changes:
+        del entry["b"]  # _build signs the new token
     return entry
 
 
 def test_entry_becomes_a_browser_client_span_anchored_on_the_token() -> None:
-    span, reason = beacon.build_span(_entry(), key=KEY, now_ms=T + 5_000, resource=RESOURCE)
+    span, reason = _build(_entry(), T + 5_000)
     assert reason == ""
     assert span is not None
     assert f"{span.context.trace_id:032x}" == TRACE
@@ -76,7 +101,7 @@ def test_token_without_uplink_uses_the_snippets_offset_clamped_to_t1() -> None:
     ts = T - 3_600_000 - 25
     # The snippet's offset claims its fetch() happened 100 ms *after* receipt.
     entry = _entry(tok=_token(T, ts, None, None), off=3_600_000.0 + 125)
-    span, reason = beacon.build_span(entry, key=KEY, now_ms=T + 1_000, resource=RESOURCE)
+    span, reason = _build(entry, T + 1_000)
     assert reason == ""
     assert span is not None
     assert span.start_time == int(T * 1e6)  # clamped: never after the gateway's receipt
@@ -112,7 +137,14 @@ def test_token_without_uplink_uses_the_snippets_offset_clamped_to_t1() -> None:
             "token_without_request",
         ),
         ({"u": "javascript:alert(1)"}, "url"),
-        ({"m": 42}, "entry_shape"),
+        ({"m": 42}, "method"),
+        # RFC 9110 §9.1 / §5.6.2: a method is a token of tchars.
+        ({"m": "GET POST"}, "method"),
+        ({"m": "G" * 33}, "method"),
+        ({"m": ""}, "method"),
+        ({"u": "http://x/" + "a" * 2048}, "url"),
+        ({"u": "ftp://x/"}, "url"),
+        ({"u": ["http://x/"]}, "url"),
         ({"marks": "soon"}, "marks"),
         ({"marks": {"startTime": T, "responseEnd": T - 5}}, "marks_order"),
         (
@@ -128,26 +160,139 @@ def test_token_without_uplink_uses_the_snippets_offset_clamped_to_t1() -> None:
         ),
         ({"marks": {"startTime": T, "responseEnd": float("nan")}}, "marks"),
         ({"marks": {"startTime": T, "responseEnd": T + 3_600_000}}, "marks"),
+        # Numbers where numbers are expected, finite and in range, else dropped.
+        ({"marks": {"startTime": 10**400, "responseEnd": 10**400}}, "marks"),
+        ({"marks": {"startTime": 1e303, "responseEnd": 1e303}}, "marks"),
+        ({"marks": {"startTime": 1e20, "responseEnd": 1e20}}, "marks"),
+        ({"marks": {"startTime": True, "responseEnd": T}}, "marks"),
+        ({"marks": {"startTime": str(T), "responseEnd": T}}, "marks"),
+        ({"marks": {"startTime": float("inf"), "responseEnd": T}}, "marks"),
+        # Tokens: non-ASCII (hmac.compare_digest raised TypeError), oversized.
+        ({"tok": "1.2.3.4.5.6." + "a" * 300}, "token_invalid"),
+        ({"tok": "1.2.3.4.5.6.é"}, "token_invalid"),
     ],
 )
 def test_bad_entries_are_dropped_with_a_reason(changes: dict[str, Any], reason: str) -> None:
-    span, why = beacon.build_span(_entry(**changes), key=KEY, now_ms=T + 1_000, resource=RESOURCE)
+    span, why = _build(_entry(**changes), T + 1_000)
     assert span is None
     assert why == reason
 
 
 def test_expired_token_is_dropped() -> None:
-    span, why = beacon.build_span(_entry(), key=KEY, now_ms=T + 11 * 60_000, resource=RESOURCE)
+    span, why = _build(_entry(), T + 11 * 60_000)
     assert (span, why) == (None, "token_expired")
 
 
+def _ingest(payload: Any, now_ms: float, keys: beacon.Keys = KEYS) -> beacon.BeaconResult:
+    return beacon.ingest(
+        payload, keys=keys, now_ms=now_ms, resource=RESOURCE, processor=None, redactor=REDACTOR
+    )
+
+
+def _entries(n: int) -> list[dict[str, Any]]:
+    """n valid entries, each with its own token (one request, one token)."""
+    out = []
+    ts = T - 3_600_000 - 25
+    for i in range(n):
+        tok = make_token(
+            KEY, t2_ms=T + 3, t1_ms=T, ts_ms=ts, uplink_ms=25, error_ms=2, nonce=bytes([i]) * 8
+        )
+        out.append(_entry(tok=tok, b=_bind(tok)))
+    return out
+
+
 def test_ingest_counts_and_caps() -> None:
-    payload = {"v": 1, "e": [_entry(), _entry(tok=None), *([_entry()] * 60)]}
-    result = beacon.ingest(payload, key=KEY, now_ms=T + 1_000, resource=RESOURCE, processor=None)
+    payload = {"v": 1, "e": [_entry(tok=None), *_entries(61)]}
+    result = _ingest(payload, T + 1_000)
     assert result.accepted == 49
     assert result.dropped == {"token_missing": 1, "too_many_entries": 12}
     with pytest.raises(beacon.BeaconError):
-        beacon.ingest([1, 2], key=KEY, now_ms=T, resource=RESOURCE, processor=None)
+        _ingest([1, 2], T)
+
+
+def test_one_entry_per_token_per_beacon() -> None:
+    entry = _entry()
+    result = _ingest(
+        {"v": 1, "e": [entry, entry, dict(entry, tp=f"00-{TRACE}-{'1' * 16}-01")]}, T + 1_000
+    )
+    assert result.accepted == 1
+    assert result.dropped == {"duplicate_token": 2}
+
+
+# -- the window the token's authenticated times allow ---------------------------
+
+
+def _window_entry(start: float, end: float, *, u: float = 25.0, e: float = 2.0) -> dict[str, Any]:
+    # Client clock = server clock here (TS = T1 − U): marks read as server times.
+    ts = T - u
+    tok = make_token(
+        KEY, t2_ms=T + 30, t1_ms=T, ts_ms=ts, uplink_ms=u, error_ms=e, nonce=b"\x05" * 8
+    )
+    return _entry(tok=tok, b=_bind(tok), marks={"startTime": ts + start, "responseEnd": ts + end})
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "now", "reason"),
+    [
+        # Encloses the gateway's T1..T2 (T1 − U = 0 here, T2 = U + 30 = 55).
+        (0, 60, T + 1_000, ""),
+        (0, 55, T + 1_000, ""),
+        # Ends before the gateway answered, beyond E (2) + rounding (3): a lie.
+        (0, 49, T + 1_000, "window"),
+        (0, 50.5, T + 1_000, ""),  # within E + rounding
+        # Ends after the beacon arrived.
+        (0, 100, T + 30, "window"),  # end = T + 75, the beacon came at T + 30
+        (0, 60, T + 31, ""),  # end = T + 35, within E + rounding of now
+        # Lasts more than 60 s.
+        (0, 60_001, T + 120_000, "marks"),
+    ],
+)
+def test_browser_span_must_enclose_the_gateway_span(
+    start: float, end: float, now: float, reason: str
+) -> None:
+    span, why = _build(_window_entry(start, end), now)
+    assert why == reason
+    assert (span is None) == bool(reason)
+    if span is not None:
+        assert span.start_time is not None
+        assert span.start_time <= int(T * 1e6)  # starts before the gateway span
+
+
+def test_token_without_uplink_cannot_start_in_1970() -> None:
+    """A /__gateway/clock-style token (T1, no TS/U/E) with the snippet's
+    offset: marks near 0 would put the span in 1970, before T2: dropped."""
+    tok = make_token(
+        KEY, t2_ms=T + 1, t1_ms=T, ts_ms=None, uplink_ms=None, error_ms=None, nonce=b"\x07" * 8
+    )
+    entry = _entry(tok=tok, b=_bind(tok), off=0, marks={"startTime": 1, "responseEnd": 2})
+    assert _build(entry, T + 1_000) == (None, "window")
+
+
+def test_url_full_is_redacted() -> None:
+    url = "https://user:pw@app.example/cb?code=abc&page=2#access_token=xyz"
+    span, why = _build(_entry(u=url), T + 1_000)
+    assert why == ""
+    assert span is not None
+    assert (span.attributes or {})["url.full"] == (
+        "https://REDACTED:REDACTED@app.example/cb?code=REDACTED&page=2"
+    )
+
+
+def test_previous_key_verifies_token_and_bind_during_a_rotation() -> None:
+    old = b"o" * 32
+    ts = T - 25
+    tok = make_token(
+        old, t2_ms=T + 3, t1_ms=T, ts_ms=ts, uplink_ms=25, error_ms=2, nonce=b"\x01" * 8
+    )
+    entry = _entry(tok=tok, b=_bind(tok, key=old), marks={"startTime": ts, "responseEnd": ts + 40})
+    rotating = beacon.Keys(KEY, (old,))
+    assert _ingest({"e": [entry]}, T + 1_000, rotating).accepted == 1
+    assert _ingest({"e": [entry]}, T + 1_000).dropped == {"token_invalid": 1}
+    # A bind signed with the old key over a token of the new one still verifies.
+    tok_new = _token(T, T - 3_600_000 - 25, 25.0)
+    mixed = _entry(tok=tok_new, b=_bind(tok_new, key=old))
+    assert _ingest({"e": [mixed]}, T + 1_000, rotating).accepted == 1
+    assert _ingest({"e": [mixed]}, T + 1_000).dropped == {"bind_invalid": 1}
 
 
 # -- through the real endpoint -------------------------------------------------------
@@ -168,11 +313,15 @@ async def test_beacon_makes_the_browser_span_the_parent_of_the_gateway_span(
     async with http.get(base + "/api/activities/home", headers=headers) as resp:
         await resp.read()
         t3 = time.time() * 1000
-        tok = re.search(r'tok="([^"]+)"', resp.headers["X-Gateway-Clock"])
+        clock = resp.headers["X-Gateway-Clock"]
+        tok = re.search(r'tok="([^"]+)"', clock)
+        bind = re.search(r'bind="([^"]+)"', clock)
         assert tok is not None
+        assert bind is not None
     entry = _entry(
         tp=f"00-{TRACE}-{span_id}-03",
         tok=tok.group(1),
+        b=bind.group(1),
         marks={
             "startTime": t0,
             "requestStart": t0 + 0.2,
@@ -237,3 +386,201 @@ async def test_beacon_rate_limit(gateway: GatewayFactory, http: aiohttp.ClientSe
     assert 429 in statuses[20:]
     async with http.get(base + "/__gateway/health") as resp:
         assert (await resp.json())["beacon"]["rate_limited"] >= 1
+
+
+# -- attacks, over real sockets ------------------------------------------------------
+
+
+def _clock(headers: Any) -> tuple[str, str | None]:
+    value = headers["X-Gateway-Clock"]
+    tok = re.search(r'tok="([^"]+)"', value)
+    bind = re.search(r'bind="([^"]+)"', value)
+    assert tok is not None, value
+    return tok.group(1), bind.group(1) if bind else None
+
+
+def _browser_spans(traced: Traced) -> list[Any]:
+    return [s for s in traced.spans() if s.resource.attributes["service.name"] == "browser"]
+
+
+async def _beacon(http: aiohttp.ClientSession, base: str, entries: list[Any]) -> Any:
+    body = json.dumps({"v": 1, "e": entries})
+    async with http.post(base + "/__gateway/beacon", data=body, headers=ORIGIN) as resp:
+        assert resp.status == 202, await resp.text()
+        return await resp.json()
+
+
+def _now_entry(tp: str, tok: str, bind: str | None, start: Any, end: Any) -> dict[str, Any]:
+    entry = {"tp": tp, "m": "GET", "u": "http://127.0.0.1/x", "tok": tok, "off": 0}
+    entry["marks"] = {"startTime": start, "responseEnd": end}
+    if bind is not None:
+        entry["b"] = bind
+    return entry
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "reason"),
+    [
+        # Attack: one anonymous beacon with times around 1e20 was accepted, and
+        # the export batch it landed in failed to encode ("Value out of range").
+        (1e20, 1e20, "marks"),
+        # Attack: these got a 500 with a traceback (float() OverflowError,
+        # nanosecond conversion overflow).
+        (10**400, 10**400, "marks"),
+        (1e303, 1e303, "marks"),
+        ("soon", None, "marks"),
+    ],
+    ids=["1e20", "10**400", "1e303", "string"],
+)
+async def test_hostile_numbers_are_dropped_and_counted_never_500(
+    gateway: GatewayFactory,
+    gateway_spans: Traced,
+    http: aiohttp.ClientSession,
+    start: Any,
+    end: Any,
+    reason: str,
+) -> None:
+    base = await gateway()
+    tp = f"00-{TRACE}-{SPAN}-01"
+    async with http.get(base + "/api/activities/home", headers={"traceparent": tp}) as resp:
+        tok, bind = _clock(resp.headers)
+    assert await _beacon(http, base, [_now_entry(tp, tok, bind, start, end)]) == {
+        "accepted": 0,
+        "dropped": {reason: 1},
+    }
+    assert _browser_spans(gateway_spans) == []
+    async with http.get(base + "/__gateway/health") as resp:
+        assert (await resp.json())["beacon"][f"dropped_{reason}"] == 1
+
+
+async def test_non_ascii_token_is_dropped_never_500(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """Attack: hmac.compare_digest raised TypeError on a non-ASCII str → 500."""
+    base = await gateway()
+    t = time.time() * 1000
+    entry = _now_entry(f"00-{TRACE}-{SPAN}-01", "1.2.3.4.5.6.\u00e9", "x", t, t + 1)
+    assert await _beacon(http, base, [entry]) == {"accepted": 0, "dropped": {"token_invalid": 1}}
+
+
+async def test_clock_token_cannot_attach_a_span_to_any_trace(
+    gateway: GatewayFactory, gateway_spans: Traced, http: aiohttp.ClientSession
+) -> None:
+    """Attack: a token from /__gateway/clock attached browser spans to any
+    trace id, starting in 1970. Its answer carries no bind: nothing to show."""
+    base = await gateway()
+    async with http.get(base + "/__gateway/clock", headers=ORIGIN) as resp:
+        tok, bind = _clock(resp.headers)
+    assert bind is None
+    now = time.time() * 1000
+    victim = f"00-{'ab' * 16}-{SPAN}-01"
+    entries = [
+        _now_entry(victim, tok, None, 1, 2),  # 1970
+        dict(_now_entry(victim, tok, None, now - 5, now - 1), tok=tok + ""),
+    ]
+    result = await _beacon(http, base, entries[:1])
+    assert result == {"accepted": 0, "dropped": {"bind_missing": 1}}
+    # A made-up bind does no better.
+    result = await _beacon(http, base, [dict(entries[1], b="A" * 22)])
+    assert result == {"accepted": 0, "dropped": {"bind_invalid": 1}}
+    assert _browser_spans(gateway_spans) == []
+
+
+async def test_token_of_one_trace_cannot_attach_a_span_to_another(
+    gateway: GatewayFactory, gateway_spans: Traced, http: aiohttp.ClientSession
+) -> None:
+    base = await gateway()
+    mine = f"00-{TRACE}-{SPAN}-01"
+    t0 = time.time() * 1000
+    async with http.get(base + "/api/activities/home", headers={"traceparent": mine}) as resp:
+        await resp.read()
+        tok, bind = _clock(resp.headers)
+    t3 = time.time() * 1000 + 1
+    assert bind is not None
+    for victim in (f"00-{'ab' * 16}-{SPAN}-01", f"00-{TRACE}-{'cd' * 8}-01"):
+        result = await _beacon(http, base, [_now_entry(victim, tok, bind, t0, t3)])
+        assert result == {"accepted": 0, "dropped": {"bind_invalid": 1}}
+    assert _browser_spans(gateway_spans) == []
+
+
+@pytest.mark.parametrize(
+    ("trust", "traceparent", "bound"),
+    [
+        ("continue", f"00-{TRACE}-{SPAN}-01", True),
+        ("link", f"00-{TRACE}-{SPAN}-01", True),  # the link names the browser's span
+        ("restart", f"00-{TRACE}-{SPAN}-01", False),  # the browser's context is ignored
+        ("continue", None, False),
+        ("continue", "00-zz-yy-01", False),  # invalid traceparent: no context to bind
+    ],
+)
+async def test_clock_header_binds_the_token_to_the_inbound_traceparent(
+    gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    trust: str,
+    traceparent: str | None,
+    bound: bool,
+) -> None:
+    base = await gateway(trust_context=trust)
+    headers = {"traceparent": traceparent} if traceparent else {}
+    async with http.get(base + "/api/activities/home", headers=headers) as resp:
+        tok, bind = _clock(resp.headers)
+    if bound:
+        assert bind == _bind(tok)
+    else:
+        assert bind is None
+
+
+def test_a_poisoned_beacon_loses_no_gateway_span(backend: Any) -> None:
+    """Attack 1 end to end: a gateway process exporting to a real OTLP
+    receiver gets the beacon with 1e20 times between two proxied requests;
+    every gateway span of that batch still arrives."""
+    import http.client
+
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+        "GATEWAY_CLOCK_KEY": KEY.decode(),
+        "GATEWAY_LOG_LEVEL": "debug",
+        # One batch for everything below.
+        "OTEL_BSP_SCHEDULE_DELAY": "1500",
+    }
+
+    def call(
+        port: int, method: str, path: str, headers: dict[str, str], body: str | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+    with OtlpReceiver() as receiver:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+        args = ["--upstream", backend.url, "--port", "0", "--workers", "1"]
+        with Process("gateway", args, env) as gw:
+            tp = f"00-{TRACE}-{SPAN}-01"
+            status, headers, _ = call(gw.port, "GET", "/api/activities/home", {"traceparent": tp})
+            assert status == 200
+            tok, bind = _clock(headers)
+            entry = _now_entry(tp, tok, bind, 1e20, 1e20 + 5)
+            status, _, body = call(
+                gw.port, "POST", "/__gateway/beacon", ORIGIN, json.dumps({"v": 1, "e": [entry]})
+            )
+            assert status == 202
+            status, _, _ = call(gw.port, "GET", "/api/activities/home", {})
+            assert status == 200
+            spans = receiver.wait_for(
+                lambda spans: sum(s.service == "gateway" and s.kind == 2 for s in spans) >= 2,
+                timeout_s=15,
+            )
+            assert [s.service for s in spans].count("browser") == 0
+            assert json.loads(body) == {"accepted": 0, "dropped": {"marks": 1}}
+            status, _, health = call(gw.port, "GET", "/__gateway/health", {})
+            exporter = json.loads(health)["exporter"]
+            assert exporter["unencodable_spans"] == 0
+            assert isinstance(exporter["queued_spans"], int)
+            assert json.loads(health)["beacon"]["dropped_marks"] == 1
+            _, stderr = gw.terminate()
+        assert "Traceback" not in stderr
+        assert "Failed to encode" not in stderr

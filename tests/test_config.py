@@ -179,3 +179,16 @@ def test_first_log_line_says_which_origins_are_enabled(env: dict[str, str], enab
         _, stderr = proc.terminate()
     first = stderr.splitlines()[0]
     assert first.endswith(enabled), stderr
+
+
+def test_clock_previous_keys_are_parsed_checked_and_never_shown() -> None:
+    env = {"GATEWAY_CLOCK_PREVIOUS_KEYS": " old-key-number-one-1234 , old-key-number-two-5678 "}
+    config = GatewayConfig.from_env({}, env)
+    assert config.clock_previous_keys == (b"old-key-number-one-1234", b"old-key-number-two-5678")
+    assert "old-key" not in repr(config)
+    with pytest.raises(ConfigError) as err:
+        GatewayConfig.from_env({}, {"GATEWAY_CLOCK_PREVIOUS_KEYS": "long-enough-key-0001,short"})
+    assert str(err.value) == "GATEWAY_CLOCK_PREVIOUS_KEYS: key 2 must be at least 16 bytes long"
+    result = _cli("--port", "0", env={"GATEWAY_CLOCK_PREVIOUS_KEYS": "shortsecret"})
+    assert result.returncode == 2
+    assert "shortsecret" not in result.stderr + result.stdout

@@ -4,11 +4,18 @@ Honeycomb convenience of DESIGN §3, samplers, export log limits."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.trace import SpanContext
 
 from gateway import telemetry
+from tests.otlp_receiver import OtlpReceiver
 
 
 @pytest.mark.parametrize(
@@ -106,3 +113,63 @@ def test_export_failure_logs_are_rate_limited() -> None:
     assert len(passed) == 1
     debug = logging.LogRecord("x", logging.DEBUG, __file__, 1, "detail", None, None)
     assert limiter.filter(debug)
+
+
+def _span(name: str, span_id: int, start_ns: int) -> ReadableSpan:
+    return ReadableSpan(
+        name=name,
+        context=SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, span_id, is_remote=False),
+        resource=Resource.create({"service.name": "gateway"}),
+        start_time=start_ns,
+        end_time=start_ns + 1_000,
+    )
+
+
+def test_an_unencodable_span_is_dropped_alone_not_with_its_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One span with a timestamp beyond protobuf's fixed64 (what a 1e20 ms
+    beacon made) used to lose every span of its batch: OTLPSpanExporter
+    logs "Failed to encode span batch" and returns FAILURE for all."""
+    now_ns = time.time_ns()
+    good = [_span(f"GET {i}", i + 1, now_ns) for i in range(5)]
+    poisoned = _span("GET poisoned", 99, int(1e20 * 1e6))
+    with OtlpReceiver() as receiver:
+        exporter = telemetry.GuardedExporter(
+            OTLPSpanExporter(endpoint=receiver.endpoint + "/v1/traces")
+        )
+        with caplog.at_level(logging.WARNING, logger="gateway.telemetry"):
+            result = exporter.export([*good[:2], poisoned, *good[2:]])
+            exporter.export([poisoned])  # counted again, warned about once a minute
+        assert result is SpanExportResult.SUCCESS
+        spans = receiver.wait_for(lambda spans: len(spans) >= 5, timeout_s=10)
+        exporter.shutdown()
+    assert sorted(s.name for s in spans) == sorted(s.name for s in good)
+    assert exporter.unencodable_spans == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gateway.telemetry"]
+    assert warnings == [
+        "dropped 1 span(s) that cannot be encoded for OTLP (GET poisoned); 1 so far"
+    ]
+
+
+def test_a_failing_endpoint_is_not_mistaken_for_an_encoding_problem() -> None:
+    exporter = telemetry.GuardedExporter(
+        OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=1)
+    )
+    assert exporter.export([_span("GET", 1, time.time_ns())]) is SpanExportResult.FAILURE
+    assert exporter.unencodable_spans == 0
+    exporter.shutdown()
+
+
+def test_telemetry_handle_reports_the_batch_queue() -> None:
+    """The one place that reads the SDK's private queue: fails when the SDK
+    moves it, rather than /__gateway/health silently reporting null."""
+    built = telemetry.build_telemetry("gateway", default_sampler=ALWAYS_ON)
+    try:
+        built.provider.get_tracer("t").start_span("queued").end()
+        status = built.exporter_status()
+        assert status["queued_spans"] == 1
+        assert isinstance(status["max_queue_size"], int)
+        assert status["unencodable_spans"] == 0
+    finally:
+        telemetry.shutdown_tracer_provider(built.provider, timeout_s=1)

@@ -17,7 +17,9 @@ from gateway.timing import (
     best_sample,
     clock_sample,
     evaluate,
+    make_bind,
     make_token,
+    verify_bind,
     verify_token,
 )
 
@@ -142,6 +144,50 @@ def test_token_window() -> None:
     assert verify_token(KEY, tok, T + TOKEN_MAX_AGE_MS)[1] == ""
     assert verify_token(KEY, tok, T + TOKEN_MAX_AGE_MS + 1) == (None, "token_expired")
     assert verify_token(KEY, tok, T - 1) == (None, "token_future")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["1.2.3.4.5.6.\u00e9", "\u00e9" * 10, "1.2.3.4.5.6." + "A" * 300, "1.2.3.4.5.6.\x00"],
+    ids=["non-ASCII mac", "non-ASCII", "oversized", "NUL"],
+)
+def test_hostile_token_strings_are_invalid_never_raise(bad: str) -> None:
+    # hmac.compare_digest raises TypeError on non-ASCII str: refused before it.
+    assert verify_token(KEY, bad, T) == (None, "token_invalid")
+    assert verify_bind(KEY, bad, bad, 1, 1) is False
+
+
+@given(st.text(max_size=300), st.text(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_verify_never_raises(tok: str, bind: str) -> None:
+    verify_token(KEY, tok, T, previous=(OTHER_KEY,))
+    verify_bind(KEY, bind, tok, 2**128 - 1, 2**64 - 1, previous=(OTHER_KEY,))
+
+
+def test_previous_keys_verify_but_never_sign() -> None:
+    """A key rotation: tokens from replicas still on the old key verify on
+    those already rolled (GATEWAY_CLOCK_PREVIOUS_KEYS), and stop verifying
+    once the old key is dropped."""
+    old = token(T, key=OTHER_KEY)
+    assert verify_token(KEY, old, T) == (None, "token_invalid")
+    assert verify_token(KEY, old, T, previous=(OTHER_KEY,))[1] == ""
+    assert verify_token(KEY, token(T), T, previous=(OTHER_KEY,))[1] == ""
+    assert verify_token(KEY, old, T, previous=(b"x" * 32,)) == (None, "token_invalid")
+
+
+def test_bind_names_one_token_trace_and_span() -> None:
+    tok = token(T, t1=T, ts=T, u=1, e=1)
+    trace_id, span_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+    bind = make_bind(KEY, tok, trace_id, span_id)
+    assert len(bind) == 22  # 128 bits, base64url without padding
+    assert verify_bind(KEY, bind, tok, trace_id, span_id)
+    assert not verify_bind(KEY, bind, tok, trace_id + 1, span_id)
+    assert not verify_bind(KEY, bind, tok, trace_id, span_id + 1)
+    assert not verify_bind(KEY, bind, token(T + 1), trace_id, span_id)
+    assert not verify_bind(OTHER_KEY, bind, tok, trace_id, span_id)
+    assert verify_bind(OTHER_KEY, bind, tok, trace_id, span_id, previous=(KEY,))
+    # A bind is no token mac: its body is prefixed, so neither stands for the other.
+    assert bind != tok.rsplit(".", 1)[1]
 
 
 def test_replayed_token_only_loosens_the_bound() -> None:

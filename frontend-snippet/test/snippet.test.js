@@ -160,10 +160,13 @@ test("X-Gateway-Clock: t1, t2 and the token", () => {
     t1: 1700000000123.456,
     t2: 1700000000125.001,
     tok,
+    b: undefined,
   });
   // Spacing and order are free; tok is optional.
-  assert.deepEqual(S.parseGatewayClock('tok="a.b" ,t2=2,t1=1'), { t1: 1, t2: 2, tok: "a.b" });
-  assert.deepEqual(S.parseGatewayClock("t1=1, t2=2"), { t1: 1, t2: 2, tok: null });
+  assert.deepEqual(S.parseGatewayClock('tok="a.b" ,t2=2,t1=1'), { t1: 1, t2: 2, tok: "a.b", b: undefined });
+  assert.deepEqual(S.parseGatewayClock("t1=1, t2=2"), { t1: 1, t2: 2, tok: null, b: undefined });
+  // bind (a proxied answer to a request with our traceparent) is kept for the beacon.
+  assert.deepEqual(S.parseGatewayClock('t1=1, t2=2, tok="a.b", bind="YmluZC1tYWM"'), { t1: 1, t2: 2, tok: "a.b", b: "YmluZC1tYWM" });
 });
 
 test("X-Gateway-Clock: what the gateway would never send is refused", () => {
@@ -260,6 +263,8 @@ function page({ script = null, refuse = [], rt = true, hold = false } = {}) {
     const out = { "x-gateway-clock": `t1=${t1.toFixed(3)}, t2=${t2.toFixed(3)}, tok="${tok}"` };
     let gwTp = null;
     if (!url.includes("/__gateway/")) {
+      // Like the gateway: a bind for a request with a traceparent, never on /__gateway/clock.
+      if (headers.get("traceparent") && !gw.noBind) out["x-gateway-clock"] += `, bind="bind${gw.spanSeq + 1}"`;
       const tp = (headers.get("traceparent") || "").split("-");
       gwTp = `00-${gw.traceId || tp[1] || "ab".repeat(16)}-${(++gw.spanSeq).toString(16).padStart(16, "0")}-01`;
       out["server-timing"] = `gw;dur=2.000, upstream;dur=1.000, uplink;dur=10.000;desc="ok", traceparent;desc="${gwTp}"`;
@@ -309,7 +314,7 @@ function page({ script = null, refuse = [], rt = true, hold = false } = {}) {
   }
 
   const ctx = {
-    document: { currentScript: script, baseURI: PAGE + "/app/", visibilityState: "visible", addEventListener() {} },
+    document: { currentScript: script, baseURI: PAGE + "/app/", hidden: false, addEventListener() {} },
     location: { origin: PAGE, href: PAGE + "/app/" },
     navigator: { sendBeacon: (u, blob) => (beacons.push({ u, blob }), !beacons.refuse) },
     performance: { now: () => clk.perf, getEntriesByName: (n) => entries.filter((e) => e.name == n) },
@@ -698,6 +703,7 @@ test("beacon: entry shape, marks on the client clock, one body per gateway origi
   p.observe();
   const tp = sent(p.calls[0]).traceparent;
   const tok = p.calls[0] && p.api.clock().tok; // this response's token is the latest
+  const b = "bind" + p.gw.spanSeq; // the bind the gateway sent with it
   p.api.flush();
   assert.equal(p.beacons.length, 1);
   assert.equal(p.beacons[0].u, GW + "/__gateway/beacon");
@@ -707,7 +713,7 @@ test("beacon: entry shape, marks on the client clock, one body per gateway origi
   assert.deepEqual(body, {
     v: 1,
     e: [{
-      tp, m: "GET", u: GW + "/api/x", tok, off: OFFSET,
+      tp, m: "GET", u: GW + "/api/x", tok, b, off: OFFSET,
       marks: {
         startTime: c(entry.startTime), fetchStart: c(entry.fetchStart), domainLookupStart: 0, domainLookupEnd: 0,
         connectStart: 0, connectEnd: 0, requestStart: c(entry.requestStart), responseStart: c(entry.responseStart), responseEnd: c(entry.responseEnd),
@@ -716,6 +722,17 @@ test("beacon: entry shape, marks on the client clock, one body per gateway origi
   });
   p.api.flush();
   assert.equal(p.beacons.length, 1, "nothing left to send");
+});
+
+test("beacon: no entry for an answer without bind (the gateway would drop it)", async () => {
+  const p = page();
+  await synced(p);
+  p.gw.noBind = true; // e.g. GATEWAY_TRUST_CONTEXT=restart: the token names no trace
+  await p.ctx.fetch(GW + "/api/x");
+  await settle();
+  p.observe();
+  p.api.flush();
+  assert.equal(p.beacons.length, 0);
 });
 
 test("beacon: fetch keepalive when sendBeacon refuses, a flush at 20 entries, bodies ≤ 60 KB", async () => {
