@@ -20,7 +20,7 @@ import pytest
 import yaml
 from aiohttp import ClientSession
 
-from gateway import __version__
+from gateway import __version__, telemetry
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from scripts import sync_collector_config
@@ -199,8 +199,8 @@ async def test_readiness_probe_is_a_gateway_route_answering_200(
 
 
 def test_shutdown_fits_in_the_grace_period() -> None:
-    """preStop sleep, then SIGTERM and the gateway's own drain: all of it
-    must end before the kubelet's SIGKILL."""
+    """preStop sleep, then SIGTERM, the gateway's drain and its last span
+    flush: all of it must end before the kubelet's SIGKILL."""
     spec = _find("Deployment", "gateway")["spec"]["template"]["spec"]
     command = _container("gateway")["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
@@ -216,7 +216,8 @@ def test_shutdown_fits_in_the_grace_period() -> None:
     env = _env("gateway")
     if "GATEWAY_SHUTDOWN_TIMEOUT_S" in env:
         shutdown_s = float(env["GATEWAY_SHUTDOWN_TIMEOUT_S"]["value"])
-    assert spec["terminationGracePeriodSeconds"] >= sleep_s + shutdown_s + 1
+    needed_s = sleep_s + shutdown_s + telemetry.SHUTDOWN_FLUSH_TIMEOUT_S
+    assert spec["terminationGracePeriodSeconds"] >= needed_s + 1
 
 
 def test_services_target_ports_their_pods_expose() -> None:
