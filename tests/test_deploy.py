@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import re
@@ -12,12 +13,16 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from gateway import timing
+from gateway.redact import DEFAULT_SENSITIVE_QUERY_KEYS
 from tests.browser import chromium
 from tests.servers import ROOT, free_port
 
@@ -29,7 +34,15 @@ def _compose() -> dict[str, Any]:
 
 def test_compose_wires_the_stack_together() -> None:
     services = _compose()["services"]
-    assert set(services) == {"backend", "gateway", "lb", "demo", "otel-collector", "viewer"}
+    assert set(services) == {
+        "backend",
+        "gateway",
+        "lb",
+        "demo",
+        "otel-collector",
+        "collector-queue-owner",
+        "viewer",
+    }
     gateway = services["gateway"]
     env = gateway["environment"]
     assert gateway["deploy"]["replicas"] == 2
@@ -54,17 +67,162 @@ def test_compose_wires_the_stack_together() -> None:
     assert services["viewer"]["command"][:3] == ["python", "-m", "gateway.viewer"]
 
 
-def test_collector_sends_to_honeycomb_and_the_viewer() -> None:
-    config = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
+def _collector_config() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
+    return data
+
+
+def _compose_interpolate(text: str, env: dict[str, str]) -> str:
+    """docker compose's ${VAR:+text}: text when VAR is set and not empty."""
+    return re.sub(r"\$\{(\w+):\+([^}]*)\}", lambda m: m[2] if env.get(m[1]) else "", text)
+
+
+def _merged(config: dict[str, Any], args: list[str]) -> dict[str, Any]:
+    """The collector's view of --config=yaml:a::b::c: value overrides given
+    after the file: maps are merged, a list or scalar is replaced."""
+    merged = copy.deepcopy(config)
+    for arg in args[1:]:
+        assert arg.startswith("--config=yaml:"), arg
+        path, value = arg.removeprefix("--config=yaml:").split(": ", 1)
+        *parents, leaf = path.split("::")
+        node = merged
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = yaml.safe_load(value)
+    return merged
+
+
+def _check_pipelines(config: dict[str, Any]) -> None:
+    service = config["service"]
+    for extension in service["extensions"]:
+        assert extension in config["extensions"], extension
+    for name, pipeline in service["pipelines"].items():
+        for kind in ("receivers", "processors", "exporters"):
+            assert pipeline[kind], f"{name} has no {kind}"
+            for component in pipeline[kind]:
+                assert component in config[kind], f"{name}: {component} is not defined"
+    for name, exporter in config["exporters"].items():
+        storage = exporter.get("sending_queue", {}).get("storage")
+        if storage is not None:
+            assert storage in service["extensions"], f"{name}: {storage} is not enabled"
+
+
+def _collector_runs() -> dict[str, dict[str, Any]]:
+    """The merged configuration each deployment really runs."""
+    config = _collector_config()
+    command = _compose()["services"]["otel-collector"]["command"]
+    kubernetes = yaml.safe_load_all((ROOT / "deploy/kubernetes/collector.yaml").read_text())
+    deployment = next(d for d in kubernetes if d["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    key = {"HONEYCOMB_API_KEY": "hcaik_test"}
+    return {
+        "compose, no key": _merged(config, [_compose_interpolate(a, {}) for a in command]),
+        "compose, key": _merged(config, [_compose_interpolate(a, key) for a in command]),
+        "kubernetes": _merged(config, args),
+    }
+
+
+def test_collector_sends_to_honeycomb_only_when_a_key_is_set() -> None:
+    config = _collector_config()
     assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"] == "0.0.0.0:4318"
+    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"] == "0.0.0.0:4317"
     honeycomb = config["exporters"]["otlphttp/honeycomb"]
     assert honeycomb["endpoint"] == "https://api.honeycomb.io"
     assert honeycomb["headers"]["x-honeycomb-team"] == "${env:HONEYCOMB_API_KEY}"
     assert config["exporters"]["otlphttp/viewer"]["endpoint"] == "http://viewer:4318"
-    pipeline = config["service"]["pipelines"]["traces"]
-    assert pipeline["receivers"] == ["otlp"]
-    assert set(pipeline["exporters"]) == {"otlphttp/honeycomb", "otlphttp/viewer"}
-    assert "batch" in pipeline["processors"]
+    runs = _collector_runs()
+    exporters = {
+        name: run["service"]["pipelines"]["traces"]["exporters"] for name, run in runs.items()
+    }
+    assert exporters == {
+        "compose, no key": ["otlphttp/viewer"],
+        "compose, key": ["otlphttp/viewer", "otlphttp/honeycomb"],
+        "kubernetes": ["otlphttp/honeycomb"],
+    }
+    for run in runs.values():
+        _check_pipelines(run)
+        assert run["service"]["pipelines"]["traces"]["receivers"] == ["otlp"]
+
+
+def test_collector_pipeline_check_catches_an_undefined_component() -> None:
+    """The structure check above can fail."""
+    config = _collector_config()
+    config["service"]["pipelines"]["traces"]["processors"].append("filter/missing")
+    with pytest.raises(AssertionError, match="filter/missing is not defined"):
+        _check_pipelines(config)
+
+
+def test_collector_processors_run_in_a_safe_order() -> None:
+    processors = _collector_config()["service"]["pipelines"]["traces"]["processors"]
+    # memory_limiter first (refuse before buffering), redaction before any
+    # exporter can see a value, sampling on whole traces, batch last.
+    assert processors == ["memory_limiter", "redaction", "tail_sampling", "batch"]
+    text = (ROOT / "deploy" / "otel-collector.yaml").read_text()
+    for name in processors:
+        comment = re.search(rf"((?:^  #.*\n)+)  {re.escape(name)}:", text, re.MULTILINE)
+        assert comment is not None, f"say what {name} is for"
+
+
+def _redaction_pattern() -> re.Pattern[str]:
+    redaction = _collector_config()["processors"]["redaction"]
+    assert redaction["allow_all_keys"] is True, "otherwise every attribute is deleted"
+    (pattern,) = redaction["blocked_values"]
+    return re.compile(pattern)
+
+
+def test_collector_redacts_the_query_keys_the_gateway_redacts() -> None:
+    pattern = _redaction_pattern()
+    keys = re.search(r"\(\?:([^()]*)\)=", pattern.pattern)
+    assert keys is not None
+    assert set(keys[1].split("|")) == set(DEFAULT_SENSITIVE_QUERY_KEYS)
+    for key in DEFAULT_SENSITIVE_QUERY_KEYS:
+        for value in (f"/p?a=1&{key}=s3cret&b=2", f"{key.upper()}=s3cret&b=2"):
+            redacted = pattern.sub("****", value)
+            assert "s3cret" not in redacted, value
+            assert redacted.endswith("&b=2"), value
+    # Keys that only contain a sensitive key are left alone.
+    for value in ("/p?monkey=1&keyboard=2", "/p?encode=x&token_type=bearer"):
+        assert pattern.sub("****", value) == value
+
+
+def test_collector_tail_sampling_keeps_what_someone_will_look_at() -> None:
+    sampling = _collector_config()["processors"]["tail_sampling"]
+    policies = {p["name"]: p for p in sampling["policies"]}
+    by_type = {p["type"]: p for p in policies.values()}
+    assert set(by_type) == {"string_attribute", "status_code", "latency", "probabilistic"}
+    status = by_type["string_attribute"]["string_attribute"]
+    assert status["key"] == "latency.status"
+    # Every verdict but "ok", as gateway/timing.py defines them (no
+    # invert_match: an inverted match vetoes the other policies).
+    assert set(status["values"]) == set(typing.get_args(timing.Status)) - {"ok"}
+    assert "invert_match" not in status
+    assert by_type["status_code"]["status_code"]["status_codes"] == ["ERROR"]
+    assert by_type["latency"]["latency"]["threshold_ms"] == 1000
+    share = by_type["probabilistic"]["probabilistic"]["sampling_percentage"]
+    assert share == "${env:COLLECTOR_SAMPLE_PERCENT}"
+    compose_env = _compose()["services"]["otel-collector"]["environment"]
+    assert compose_env["COLLECTOR_SAMPLE_PERCENT"] == "100"
+
+
+def test_collector_queues_honeycomb_spans_on_disk() -> None:
+    config = _collector_config()
+    honeycomb = config["exporters"]["otlphttp/honeycomb"]
+    queue = honeycomb["sending_queue"]
+    assert queue["enabled"] is True
+    assert queue["storage"] == "file_storage"
+    assert queue["queue_size"] == 2000
+    assert config["processors"]["batch"]["send_batch_max_size"] == 1024
+    # Retry a queued batch for as long as it is on disk (default: 5 min).
+    assert honeycomb["retry_on_failure"]["max_elapsed_time"] == "0s"
+    directory = config["extensions"]["file_storage"]["directory"]
+    services = _compose()["services"]
+    volume = f"collector-queue:{directory}"
+    assert volume in services["otel-collector"]["volumes"]
+    owner = services["collector-queue-owner"]
+    assert volume in owner["volumes"]
+    assert owner["command"] == ["chown", "10001:10001", directory]
+    needed = set(re.findall(r"\$\{env:(\w+)\}", (ROOT / "deploy/otel-collector.yaml").read_text()))
+    assert needed <= services["otel-collector"]["environment"].keys()
 
 
 def test_compose_references_existing_files() -> None:
