@@ -540,6 +540,7 @@ def test_a_poisoned_beacon_loses_no_gateway_span(backend: Any) -> None:
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         "GATEWAY_CLOCK_KEY": KEY.decode(),
         "GATEWAY_LOG_LEVEL": "debug",
+        "GATEWAY_ALLOWED_ORIGINS": "http://localhost:3000",
         # One batch for everything below.
         "OTEL_BSP_SCHEDULE_DELAY": "1500",
     }
