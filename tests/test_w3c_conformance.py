@@ -978,3 +978,35 @@ async def test_python_m_backend_installs_the_level_2_propagator(
     got = propagated(callback)
     assert got.trace_id == TRACE_ID
     assert got.tracestate == [("foo@", "1"), ("1bar", "2")]
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    fields=st.lists(
+        st.text(
+            alphabet=st.characters(min_codepoint=0, max_codepoint=0xFF, exclude_characters="\r\n"),
+            max_size=60,
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+async def test_hostile_tracestate_bytes_never_get_a_500(
+    fields: list[str], gateway: GatewayFactory, harness: Harness
+) -> None:
+    """Control characters, NUL and bytes over 0x7f: either the HTTP parser
+    refuses the request (400) or the trace is continued with no tracestate."""
+    base = await gateway()
+    body = json.dumps([{"url": harness.url + "/callback/0", "arguments": []}]).encode()
+    status, _, response_body = await send(base, tp(TP00, *fields), body)
+    callbacks = harness.take()
+    assert status in (200, 400), response_body
+    if status == 200:
+        (callback,) = callbacks
+        got = propagated(callback)
+        assert got.trace_id == TRACE_ID
+        assert got.tracestate == list(tracestate.trim(tracestate.parse(fields)).items())
