@@ -6,8 +6,9 @@ receives; each case sends ``POST /api/trace-context-test`` THROUGH THE
 GATEWAY with the case's ``traceparent``/``tracestate`` header fields and a
 body asking the backend to call the harness back. The backend (instrumented
 Flask + instrumented ``requests``) makes that call, so the callback carries
-what the whole chain propagated: the gateway's policy and OTel parser on the
-way in, the backend's OTel on the way out. Requests are written as raw bytes
+what the whole chain propagated: the gateway's policy, OTel's traceparent
+parser and our Level 2 tracestate parser on the way in, the backend's OTel
+(with the same tracestate rules) on the way out. Requests are written as raw bytes
 so that header case, repeats and optional whitespace reach the gateway
 exactly as the case says (aiohttp's client strips OWS).
 
@@ -25,12 +26,15 @@ backend runs with the propagator its entry points install
 (``gateway.tracestate.global_propagator``), so the Level 2 ``tracestate``
 rules hold on both hops.
 
-Also checked in-process: the span shape of continue, link and restart.
+Also checked: the span shape of continue, link and restart; the Level 2
+random flag in each mode (injected upstream and in Server-Timing); and
+hypothesis-generated tracestate lines, valid and hostile, through the chain.
 
 The official suite runs against a live stack the same way: start
 ``python -m backend --enable-test-callback`` and ``python -m gateway``, then
-``python test/test.py http://127.0.0.1:8080/api/trace-context-test`` from a
-w3c/trace-context checkout.
+``STRICT_LEVEL=2 SPEC_LEVEL=2 python test/test.py
+http://127.0.0.1:8080/api/trace-context-test`` from a w3c/trace-context
+checkout (README, "W3C Trace Context conformance").
 """
 
 from __future__ import annotations
