@@ -1,8 +1,9 @@
 """``python -m backend``: serve the example backend with werkzeug's threaded server.
 
 What this module is for: the command line (flags, ``BACKEND_*`` environment
-variables, defaults; flag > environment > default, as the gateway), building the
-tracer provider, serving, and a clean stop on SIGTERM/SIGINT that flushes the
+variables, defaults; flag > environment > default, as in README
+"Configuration"), building the tracer provider, installing the W3C Level 2
+propagator, serving, and a clean stop on SIGTERM/SIGINT that flushes the
 spans still queued.
 
 What it is not for: production serving (``gunicorn backend.wsgi:app`` is that)
@@ -172,10 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
 
     # Imported here, not at module level, so --help and bad flags answer fast.
+    from opentelemetry.propagate import set_global_textmap
+
     from backend.app import create_app
     from gateway.telemetry import build_tracer_provider, shutdown_tracer_provider
+    from gateway.tracestate import global_propagator
 
     provider = build_tracer_provider("backend")
+    # W3C Trace Context Level 2 tracestate rules for the Flask and requests
+    # instrumentations (they propagate through the global propagator).
+    set_global_textmap(global_propagator())
     app = create_app(
         tracer_provider=provider,
         enable_test_callback=options.enable_test_callback,

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import os
 
+from opentelemetry.propagate import set_global_textmap
+
 from backend.app import DEFAULT_FRONTEND_ORIGINS, create_app, parse_frontend_url
 from backend.cli import TRUE_VALUES
 from gateway.telemetry import build_tracer_provider
+from gateway.tracestate import global_propagator
 
 provider = build_tracer_provider("backend")
+# W3C Trace Context Level 2 tracestate rules for the Flask and requests
+# instrumentations (they propagate through the global propagator).
+set_global_textmap(global_propagator())
 app = create_app(
     tracer_provider=provider,
     enable_test_callback=os.environ.get("BACKEND_ENABLE_TEST_CALLBACK", "").strip().lower()

@@ -2,18 +2,25 @@
 
 What it is for: deciding which trace the gateway's SERVER span joins, from
 the headers a client sent, and writing exactly one fresh context for the
-upstream. Parsing is the OTel propagators' job (W3C ``tracecontext`` first,
-then B3 single and multi); this module adds the gateway's policy (DESIGN §5):
+upstream. ``traceparent`` and B3 are parsed by the OTel propagators (W3C
+``tracecontext`` first, then B3 single and multi); ``tracestate`` by
+``gateway.tracestate`` (W3C Trace Context Level 2 rules, which OTel's Level 1
+key grammar does not follow). This module adds the gateway's policy (README,
+"Trace context"):
 
 * size limits before any parser sees a header;
 * at most one inbound context, chosen in a fixed order;
 * a duplicated ``traceparent`` is invalid: two field lines combine into one
   value that no longer parses (RFC 9110 §5.3), so the trace restarts (the W3C
   suite's ``test_traceparent_duplicated``);
-* ``tracestate`` kept in ``continue`` mode only, trimmed as W3C Trace
-  Context Level 2 §3.3.3.1 (tracestate limits) says;
+* ``tracestate`` parsed only once ``traceparent`` was (W3C Level 2 §3.3),
+  kept in ``continue`` mode only, trimmed as §3.3.3.1 (tracestate limits)
+  says; a request without one never reaches its parser;
 * the inbound ``sampled`` flag decides nothing on its own: the gateway's
-  sampler does (``always_on`` unless ``OTEL_TRACES_SAMPLER`` says otherwise).
+  sampler does (``always_on`` unless ``OTEL_TRACES_SAMPLER`` says otherwise);
+  the Level 2 ``random`` flag (§3.2.2.5.2) is the SDK's: carried from the
+  parent on ``continue``, set for a trace id the SDK's random id generator
+  made on ``link`` and ``restart``.
 
 Malformed input is a verdict, never an exception (as in the OTel propagators:
 a spec violation returns the incoming context unchanged).
@@ -23,7 +30,6 @@ Not for: creating spans (``app.py``) or forwarding headers (``proxy.py``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -32,9 +38,10 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.textmap import Getter, Setter
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceState
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from gateway import tracestate
 from gateway.config import TrustMode
 
 #: Inbound propagation headers, never forwarded: the gateway injects its own.
@@ -55,17 +62,15 @@ PROPAGATION_HEADERS: Final = frozenset(
 #: append fields (W3C §3.2.4, "versioning of traceparent"), so leave room,
 #: but no parser ever sees a header larger than this.
 MAX_TRACEPARENT_CHARS: Final = 512
-#: tracestate: 32 members of at most 256 + 1 + 256 characters plus commas
-#: (W3C Level 2 §3.3.2.1–§3.3.2.2). Anything larger cannot be a valid list.
-MAX_TRACESTATE_HEADER_CHARS: Final = 32 * (256 + 1 + 256) + 31
-#: W3C Level 2 §3.3.3.1: vendors SHOULD propagate at least 512 characters of a
-#: combined tracestate; when truncating, first drop members longer than 128
-#: characters, then drop members from the end.
-TRACESTATE_PROPAGATE_CHARS: Final = 512
-TRACESTATE_LONG_MEMBER_CHARS: Final = 128
+#: Combined tracestate field lines larger than this cannot be a valid list
+#: written as W3C Level 2 §3.3.2 asks (32 members at their maximum, single
+#: spaces around commas): discarded unparsed, the traceparent still holds.
+MAX_TRACESTATE_HEADER_CHARS: Final = tracestate.MAX_HEADER_CHARS
 #: B3 single: 32 + 1 + 16 + 1 + 1 + 1 + 16 characters at most.
 MAX_B3_CHARS: Final = 128
 
+# OTel's own W3C propagator for traceparent (and inject); tracestate is
+# hidden from it by _TRACEPARENT_GETTER and parsed below.
 _W3C: Final = TraceContextTextMapPropagator()
 _B3_SINGLE: Final = B3SingleFormat()
 _B3_MULTI: Final = B3MultiFormat()
@@ -85,7 +90,19 @@ class _HeadersSetter(Setter[CIMultiDict[str]]):
         carrier[key] = value
 
 
+class _TraceparentGetter(_HeadersGetter):
+    """Shows OTel's parser ``traceparent`` only: ``tracestate`` is parsed
+    here, by Level 2 rules, and only when there is one."""
+
+    def get(self, carrier: CIMultiDictProxy[str], key: str) -> list[str] | None:
+        if key != "traceparent":
+            return None
+        values = carrier.getall(key, None)
+        return list(values) if values else None
+
+
 _GETTER: Final = _HeadersGetter()
+_TRACEPARENT_GETTER: Final = _TraceparentGetter()
 _SETTER: Final = _HeadersSetter()
 
 
@@ -129,17 +146,18 @@ def _parse(headers: CIMultiDictProxy[str]) -> tuple[SpanContext | None, str]:
             # RFC 9110 §5.3: two traceparent lines make one invalid value → restart;
             # an oversized one is refused before the parser sees it.
             return None, "invalid"
-        carrier = headers
-        tracestate = ",".join(headers.getall("tracestate", ()))
-        if len(tracestate) > MAX_TRACESTATE_HEADER_CHARS:
-            # Cannot be a valid list: drop tracestate, keep traceparent (W3C Level 2 §3.3).
-            carrier = CIMultiDictProxy(CIMultiDict(traceparent=traceparents[0]))
-        span_context = _span_context(_W3C.extract(carrier, getter=_GETTER))
+        span_context = _span_context(_W3C.extract(headers, getter=_TRACEPARENT_GETTER))
         if span_context is None:
             # W3C §4.3 (processing model): an invalid traceparent means a new
-            # trace; B3 is not consulted, since the client did speak W3C.
+            # trace; B3 is not consulted, since the client did speak W3C; and
+            # §3.3: tracestate MUST NOT be parsed then.
             return None, "invalid"
-        return _with_trimmed_tracestate(span_context), "traceparent"
+        fields = headers.getall("tracestate", ())
+        if fields:
+            # RFC 9110 §5.3 / Level 2 §3.3.2: every field line, in order.
+            state = tracestate.trim(tracestate.parse(fields))
+            span_context = tracestate.with_trace_state(span_context, state)
+        return span_context, "traceparent"
     if "b3" in headers:
         b3 = headers.getall("b3")
         if len(b3) == 1 and len(b3[0]) <= MAX_B3_CHARS:
@@ -159,40 +177,6 @@ def _parse(headers: CIMultiDictProxy[str]) -> tuple[SpanContext | None, str]:
 def _span_context(ctx: Context) -> SpanContext | None:
     span_context = trace.get_current_span(ctx).get_span_context()
     return span_context if span_context.is_valid else None
-
-
-def _with_trimmed_tracestate(span_context: SpanContext) -> SpanContext:
-    trimmed = trim_tracestate(span_context.trace_state)
-    if trimmed is span_context.trace_state:
-        return span_context
-    return SpanContext(
-        span_context.trace_id,
-        span_context.span_id,
-        is_remote=True,
-        trace_flags=span_context.trace_flags,
-        trace_state=trimmed,
-    )
-
-
-def trim_tracestate(state: TraceState, limit: int = TRACESTATE_PROPAGATE_CHARS) -> TraceState:
-    """Truncate a tracestate to ``limit`` characters as W3C Level 2 §3.3.3.1 says.
-
-    Members longer than 128 characters go first; then members from the end
-    (the right-most are the oldest, W3C Level 2 §3.3.2.1). The input is returned
-    unchanged when it already fits.
-    """
-    items = list(state.items())
-    if _header_len(items) <= limit:
-        return state
-    items = [kv for kv in items if len(kv[0]) + 1 + len(kv[1]) <= TRACESTATE_LONG_MEMBER_CHARS]
-    while items and _header_len(items) > limit:
-        items.pop()
-    return TraceState(items)
-
-
-def _header_len(items: Iterable[tuple[str, str]]) -> int:
-    members = [len(k) + 1 + len(v) for k, v in items]
-    return sum(members) + max(0, len(members) - 1)
 
 
 def inject(headers: CIMultiDict[str], span_context: SpanContext) -> None:
