@@ -83,6 +83,7 @@ def gateway_proc(fuzz_backend: BackendThread) -> Iterator[Process]:
         # Each example comes from its own X-Forwarded-For client, so the
         # per-client beacon rate limit does not stop the fuzzer at 20.
         "GATEWAY_TRUSTED_PROXIES": "1",
+        "GATEWAY_ALLOWED_ORIGINS": ORIGIN,
     }
     args = ["--upstream", fuzz_backend.url, "--port", "0", "--workers", "1"]
     with Process("gateway", args, env) as proc:
