@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint unit js chromium format bench clean
+.PHONY: help run test lint unit js system format bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,11 +29,16 @@ lint: $(VENV)/.dev  ## ruff, ruff format --check, mypy --strict
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy gateway backend
 
-# Real-browser tests drive Debian's chromium (never a downloaded browser).
-chromium:  ## install Debian chromium when it is missing (needs root, as CI is)
-	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian chromium (apt-get)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+# Real-browser and load-balancer tests drive Debian's chromium and nginx
+# (never a downloaded binary).
+system:  ## install Debian chromium and nginx-light when missing (needs root, as CI is)
+	@missing=""; \
+	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian$$missing (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  fi
 
 frontend-snippet/node_modules/.installed: frontend-snippet/package.json frontend-snippet/package-lock.json
 	cd frontend-snippet && npm ci --no-audit --no-fund --loglevel=error
@@ -43,12 +48,12 @@ js: frontend-snippet/node_modules/.installed  ## the snippet's node tests and si
 	node --test frontend-snippet/test/
 	node frontend-snippet/scripts/size.mjs
 
-unit: $(VENV)/.dev chromium  ## the Python test suite only (no lint)
+unit: $(VENV)/.dev system  ## the Python test suite only (no lint)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint js unit  ## lint + the snippet's tests + the whole Python suite (what CI runs)
 
-bench: $(VENV)/.dev chromium frontend-snippet/node_modules/.installed  ## benchmarks (~12 min): writes benchmarks/RESULTS.md
+bench: $(VENV)/.dev system frontend-snippet/node_modules/.installed  ## benchmarks (~12 min): writes benchmarks/RESULTS.md
 	$(PY) benchmarks/run.py
 
 format: $(VENV)/.dev  ## apply ruff's fixes and formatting

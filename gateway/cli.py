@@ -174,6 +174,10 @@ def _check_bindable(host: str, port: int) -> None:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: connections of a gateway that just stopped linger in
+        # TIME_WAIT (RFC 9293 §3.6.1) and must not block its restart; a
+        # socket still listening on the port still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
 
 

@@ -38,21 +38,33 @@ MAX_HEADER_BYTES: Final = 512
 MAX_UPLINK_MS: Final = 60_000.0
 #: |t1 − ts| beyond a day is no clock anyone runs: the header is invalid.
 MAX_RAW_OFFSET_MS: Final = 24 * 3600 * 1000.0
-#: Error model of the snippet's offset estimate (DESIGN §6): half the sync
-#: sample's round trip, plus the drift of a free-running quartz clock since
-#: the sample (50 ppm is a cheap crystal's worst case), plus 1 ms for the
-#: millisecond rounding of Date.now() on both sides.
-DRIFT_PPM: Final = 50e-6
+#: The drift model: how fast an honest client's clock may run against the
+#: gateway's. One model feeds both the error of an estimate (drift since the
+#: sync sample) and the drift rule's allowance (drift since the token's
+#: request), so an honest clock never falls between the two (the error once
+#: allowed 50 ppm while the rule allowed 1 000 ppm, and an ntpd-slewed clock
+#: sending every two minutes was called a liar).
+#:
+#: * A free-running quartz clock is within 100 ppm; ntpd disciplines it by
+#:   slewing at most 500 ppm (its hard limit). Together: 600 ppm, always
+#:   allowed, at full trust.
+#: * chrony slews far faster, at up to 83 333 ppm (its ``maxslewrate``), while
+#:   it removes an offset (after a laptop resumes, say), and
+#:   ``performance.now()`` follows that slew. Within one exchange that cannot
+#:   be told from a lying clock, so it is not called a lie: the verdict says
+#:   ``clock_corrected`` and drops to ``client_only``. It is bounded by the
+#:   offset being removed: more than ``SLEW_MAX_MS`` of correction within one
+#:   gap is what only a lying (or broken) clock does. A step of the clock is
+#:   the snippet's business: it re-anchors when Date.now() jumps.
+#: * 1 ms covers the millisecond rounding of Date.now() on both sides.
+HONEST_RATE: Final = 600e-6
+SLEW_RATE: Final = 83_333e-6
+SLEW_MAX_MS: Final = 1_000.0
 ROUNDING_MS: Final = 1.0
 #: A clock token older than this gives no bound (DESIGN §6): long enough for a
 #: page that makes a request every few minutes, short enough that a replayed
 #: token only loosens the bound of a recent request.
 TOKEN_MAX_AGE_MS: Final = 10 * 60 * 1000.0
-#: Drift rule allowance r = 1 ms + 0.1 % of the server's elapsed time: NTP
-#: slews a clock by at most 500 ppm (ntpd's limit), so 0.1 % never flags an
-#: honest clock being disciplined, while a 5 % fast clock breaks it at once.
-DRIFT_BASE_MS: Final = 1.0
-DRIFT_RATE: Final = 1e-3
 #: Sanity limits on what X-Client-Clock and X-Client-Prev may carry: values
 #: beyond them cannot come from an honest snippet.
 MAX_SYNC_DELAY_MS: Final = 60_000.0
@@ -424,33 +436,69 @@ def offset_bucket(offset_ms: float) -> str:
 
 
 def uplink_error(clock: ClientClock) -> float:
-    """error = d/2 + 50 ppm·age + 1 ms (DESIGN §6)."""
-    return clock.delay_ms / 2 + DRIFT_PPM * clock.age_ms + ROUNDING_MS
+    """error = d/2 + 1 ms + 600 ppm · age: half the sync sample's round trip
+    (the most path asymmetry can move its offset), rounding, and what an
+    honest clock can drift since the sample (the drift model above)."""
+    return clock.delay_ms / 2 + ROUNDING_MS + HONEST_RATE * clock.age_ms
 
 
-def drift_ok(token: Token, t1_ms: float, ts_ms: float) -> bool:
-    """The stateless drift rule of DESIGN §6.
+def slew_allowance(elapsed_ms: float) -> float:
+    """What a chrony slew may have moved a clock by over ``elapsed_ms``."""
+    return min(SLEW_RATE * max(elapsed_ms, 0.0), SLEW_MAX_MS)
+
+
+DriftCheck = Literal["ok", "corrected", "broken"]
+
+
+def drift_check(token: Token, t1_ms: float, ts_ms: float) -> DriftCheck:
+    """The stateless drift rule.
 
     The token's request was sent at TS (client clock), received at T1, with
     uplink U ± E, and its response left at T2; the client held that response
     before it sent this request (ts, received at t1). Physics bounds the
-    client's elapsed time, with r = 1 ms + 0.1 % of (t1 − T1) for slewing:
+    client's elapsed time, with r = 1 ms + 600 ppm · (t1 − T1) for an honest
+    rate (the drift model):
 
         (U − E) + (T2 − T1) − r  ≤  ts − TS  ≤  (t1 − T1) + (U + E) + r
 
-    No client-sent offset appears, so no claim can widen the bounds. A token
-    without (T1, TS, U, E) cannot be checked and passes.
+    ``ok`` inside; ``corrected`` outside by no more than one chrony slew can
+    remove (``SLEW_MAX_MS``: the slew may have started before the token's
+    own request, and skewed that request's U as well, so its rate alone does
+    not bound what shows here); ``broken`` beyond. No client-sent offset appears, so no claim
+    can widen the bounds. A token without (T1, TS, U, E) cannot be checked
+    and passes.
     """
     if token.t1_ms is None or token.ts_ms is None:
-        return True
+        return "ok"
     if token.uplink_ms is None or token.error_ms is None:
-        return True
-    server_elapsed = t1_ms - token.t1_ms
-    r = DRIFT_BASE_MS + DRIFT_RATE * max(server_elapsed, 0.0)
+        return "ok"
+    server_elapsed = max(t1_ms - token.t1_ms, 0.0)
+    r = ROUNDING_MS + HONEST_RATE * server_elapsed
     client_elapsed = ts_ms - token.ts_ms
     low = (token.uplink_ms - token.error_ms) + (token.t2_ms - token.t1_ms) - r
     high = server_elapsed + (token.uplink_ms + token.error_ms) + r
-    return low <= client_elapsed <= high
+    outside = max(low - client_elapsed, client_elapsed - high, 0.0)
+    if outside == 0.0:
+        return "ok"
+    return "corrected" if outside <= SLEW_MAX_MS else "broken"
+
+
+def drift_ok(token: Token, t1_ms: float, ts_ms: float) -> bool:
+    """True when the drift rule holds at full trust (see :func:`drift_check`)."""
+    return drift_check(token, t1_ms, ts_ms) == "ok"
+
+
+def _bound_failure(estimate: float, margin: float, upper: float | None) -> str | None:
+    """Which physical bound an estimate breaks, with ``margin`` of error."""
+    if estimate < -margin:
+        # It claims to have sent after we received it.
+        return "negative_uplink"
+    if upper is not None and estimate > upper + margin:
+        # It claims to have sent before it held the token it sent.
+        return "before_token"
+    if estimate > MAX_UPLINK_MS + margin:
+        return "uplink_too_long"
+    return None
 
 
 def evaluate(
@@ -528,21 +576,39 @@ def evaluate(
         raw_ms=raw,
         client_ts_ms=ts,
     )
-    if token is not None and not drift_ok(token, t1_ms, ts):
+    drift: DriftCheck = drift_check(token, t1_ms, ts) if token is not None else "ok"
+    if drift == "broken":
         # Checked first: it rests on authenticated times alone, and when the
         # client's clock itself is off (fast, frozen, jumped) the bound
         # failures below are only its symptoms.
         return replace(base, status="implausible", reason="clock_rate")
-    if estimate < -error:
-        # It claims to have sent after we received it.
-        return replace(base, status="implausible", reason="negative_uplink")
-    if upper is not None and estimate > upper + error:
-        # It claims to have sent before it held the token it sent.
-        return replace(base, status="implausible", reason="before_token")
-    if estimate > MAX_UPLINK_MS + error:
-        return replace(base, status="implausible", reason="uplink_too_long")
-    # The estimate stands; a negative one within the error is a zero uplink.
-    return replace(base, uplink_ms=max(estimate, 0.0), uplink_error_ms=error)
+    failure = _bound_failure(estimate, error, upper)
+    if failure is None and drift == "ok":
+        # The estimate stands; a negative one within the error is a zero uplink.
+        return replace(base, uplink_ms=max(estimate, 0.0), uplink_error_ms=error)
+    # Outside what a quartz or ntpd clock explains: a chrony slew since the
+    # sample may have moved the client's offset by up to the slew allowance.
+    slewed_error = error + slew_allowance(client_clock.age_ms)
+    failure = _bound_failure(estimate, slewed_error, upper)
+    if failure is not None:
+        return replace(base, status="implausible", reason=failure)
+    # Honest slewing and a lie cannot be told apart within one exchange: not
+    # an accusation, but no server-bounded figure either.
+    high = min(upper, MAX_UPLINK_MS) if upper is not None else MAX_UPLINK_MS
+    # The token's interval keeps the unslewed error: a slew that is real shows
+    # again in the next check (as a correction, never as a lie, since the rule
+    # forgives up to a whole slew), and a lie cannot launder itself into a
+    # wide interval that lets the next request pass at full trust.
+    chain_uplink, chain_error = chain_interval(estimate, error, upper)
+    return replace(
+        base,
+        reason="clock_corrected",
+        trust="client_only",
+        uplink_ms=min(max(estimate, 0.0), high),
+        uplink_error_ms=slewed_error,
+        chain_uplink_ms=chain_uplink,
+        chain_error_ms=chain_error,
+    )
 
 
 # -- per-client rate limit -------------------------------------------------------

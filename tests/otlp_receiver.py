@@ -32,6 +32,7 @@ class ReceivedSpan:
     status_code: int
     start_ns: int
     end_ns: int
+    resource: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,10 +54,8 @@ class OtlpReceiver:
         message.ParseFromString(body)
         self.headers.append(dict(request.headers))
         for resource_spans in message.resource_spans:
-            service = ""
-            for attr in resource_spans.resource.attributes:
-                if attr.key == "service.name":
-                    service = attr.value.string_value
+            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            service = str(resource.get("service.name", ""))
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     self.spans.append(
@@ -71,6 +70,7 @@ class OtlpReceiver:
                             status_code=span.status.code,
                             start_ns=span.start_time_unix_nano,
                             end_ns=span.end_time_unix_nano,
+                            resource=resource,
                         )
                     )
         return web.Response(
