@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.resources import Resource
 
 from gateway import beacon
-from gateway.timing import make_token
+from gateway.redact import QueryRedactor
+from gateway.timing import make_bind, make_token
 from tests.conftest import GatewayFactory, Traced, start_upstream
 from tests.otlp_receiver import OtlpReceiver
 from tests.servers import BackendThread, Process
@@ -196,15 +197,23 @@ def test_an_accepted_beacon_entry_never_ends_before_it_starts(
     marks = {name: 0.0 for name in beacon.MARKS}
     marks["startTime"] = ts + start
     marks["responseEnd"] = ts + start + duration
+    trace_id, span_id = "ab" * 16, "cd" * 8
     entry = {
-        "tp": f"00-{'ab' * 16}-{'cd' * 8}-03",
+        "tp": f"00-{trace_id}-{span_id}-03",
+        "b": make_bind(_KEY, token, int(trace_id, 16), int(span_id, 16)),
         "m": "GET",
         "u": "http://127.0.0.1/api",
         "tok": token,
         "off": off,
         "marks": marks,
     }
-    span, _ = beacon.build_span(entry, key=_KEY, now_ms=_T1 + 60_000, resource=Resource.create({}))
+    span, _ = beacon.build_span(
+        entry,
+        keys=beacon.Keys(_KEY),
+        now_ms=_T1 + 60_000,
+        resource=Resource.create({}),
+        redactor=QueryRedactor(),
+    )
     if span is not None:
         assert span.start_time is not None
         assert span.end_time is not None

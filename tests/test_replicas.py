@@ -45,6 +45,8 @@ from tests.servers import ROOT, Process, free_port
 pytestmark = pytest.mark.slow
 
 SERVER = 2
+#: A bound on the page's request loop, far above what the steps need.
+MAX_REQUESTS = 3_000
 OLD_KEY = "replica-test-clock-key-old-0123456789"
 NEW_KEY = "replica-test-clock-key-new-9876543210"
 
@@ -258,9 +260,10 @@ async def page(fleet: Fleet, demo_port: int) -> AsyncIterator[Page]:
 #: Sequential fetches through the load balancer, as a page makes them; the
 #: page records each outcome so the test can act while they run.
 _DRIVE = """
-async ([base, count, pauseMs]) => {
+async ([base, maxCount, pauseMs]) => {
   window.driven = [];
-  for (let i = 0; i < count; i++) {
+  window.stopDriving = false;
+  for (let i = 0; i < maxCount && !window.stopDriving; i++) {
     let record;
     try {
       const response = await fetch(base + "/api/activities/home?i=" + i);
@@ -280,12 +283,12 @@ async ([base, count, pauseMs]) => {
 """
 
 
-async def _drive(page: Page, fleet: Fleet, count: int, steps: list[tuple[str, Any]]) -> list[Any]:
-    """Run ``count`` requests and, while they run, each step in turn (in a
-    thread: it stops and starts processes). After a step, the next waits
+async def _drive(page: Page, fleet: Fleet, steps: list[tuple[str, Any]]) -> list[Any]:
+    """Send requests until every step has run (in a thread: it stops and
+    starts processes), at most ``MAX_REQUESTS``. After a step, the next waits
     until the replica it touched has served requests again, so every phase
     of a rolling change carries traffic across replicas."""
-    task = asyncio.ensure_future(page.evaluate(_DRIVE, [fleet.lb_url, count, 30]))
+    task = asyncio.ensure_future(page.evaluate(_DRIVE, [fleet.lb_url, MAX_REQUESTS, 30]))
     for name, step in steps:
         started_ns = time.time_ns()
         replica = await asyncio.to_thread(step)
@@ -303,7 +306,11 @@ async def _drive(page: Page, fleet: Fleet, count: int, steps: list[tuple[str, An
             assert not task.done(), f"the page finished before {name} carried traffic"
             assert time.monotonic() < deadline, f"{replica.name} serves nothing after {name}"
             await asyncio.sleep(0.05)
-    records: list[Any] = await asyncio.wait_for(task, timeout=300)
+    done = await page.evaluate("window.driven.length")
+    # Some more requests after the last step, then the page stops.
+    await page.wait_for_function(f"window.driven.length >= {done + 20}", polling=50, timeout=60_000)
+    await page.evaluate("window.stopDriving = true")
+    records: list[Any] = await asyncio.wait_for(task, timeout=60)
     return records
 
 
@@ -358,7 +365,7 @@ async def test_three_replicas_a_restart_and_a_key_rotation(page: Page, fleet: Fl
         # …phase 2: each signs with the new key, still verifying the old.
         *[(f"phase 2 {r.name}", lambda r=r: rotate(r, NEW_KEY, OLD_KEY)) for r in (r1, r2, r3)],
     ]
-    records = await _drive(page, fleet, 400, steps)
+    records = await _drive(page, fleet, steps)
     # The page saw no failed request: nginx retried on another replica.
     assert [r for r in records if r["status"] != 200] == []
     trace_ids = {r["traceId"] for r in records}
