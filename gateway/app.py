@@ -43,6 +43,7 @@ from gateway import __version__, context, measure, proxy, timing
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
 from gateway.http import json_error, method_attribute, ms, span_name
+from gateway.redact import QueryRedactor
 from gateway.reserved import Reserved
 
 log = logging.getLogger("gateway")
@@ -88,6 +89,9 @@ class Gateway:
         self.upstream = config.upstream_url
         self.cors = Cors(config.allowed_origins)
         self.measurement = measure.Measurement(config)
+        # Built once per process: every url.full / url.query this gateway
+        # exports goes through it.
+        self.redactor = QueryRedactor(config.redact_query_params)
         self.session: aiohttp.ClientSession | None = None
         self._server_port = self.upstream.port
         self._timeout = aiohttp.ClientTimeout(
@@ -148,6 +152,11 @@ class Gateway:
         }
         if known == "_OTHER":
             attributes["http.request.method_original"] = method[:64]
+        raw_query = request.rel_url.raw_query_string
+        if raw_query:
+            # HTTP semconv: url.query is recommended on server spans, and
+            # "sensitive content provided in query string SHOULD be scrubbed".
+            attributes["url.query"] = self.redactor.query(raw_query)
         host = request.host
         if host:
             attributes["server.address"] = host.rsplit(":", 1)[0] if host[-1:] != "]" else host
@@ -224,7 +233,7 @@ class Gateway:
             kind=SpanKind.CLIENT,
             attributes={
                 "http.request.method": known,
-                "url.full": redact(target),
+                "url.full": self.redactor.url(str(target)),
                 "server.address": self.upstream.host or "",
                 "server.port": self._server_port or 80,
             },
@@ -372,13 +381,6 @@ class _Exchange:
         self.verdict = verdict
 
 
-def redact(url: URL) -> str:
-    """``url.full`` without credentials (HTTP semantic conventions)."""
-    if url.user is not None or url.password is not None:
-        url = url.with_user("REDACTED").with_password("REDACTED")
-    return str(url)
-
-
 def _classify(exc: BaseException, body_too_large: bool) -> tuple[int, str, str]:
     """(status, message, error.type) for a failure before the upstream answered."""
     if body_too_large or isinstance(exc, proxy.BodyTooLarge):
@@ -422,6 +424,7 @@ def create_app(
     app = web.Application(handler_args=dict(proxy.PARSER_LIMITS))
     app[CONFIG_KEY] = config
     app.cleanup_ctx.append(gateway.session_ctx)
+    app.on_shutdown.append(reserved.mark_stopping)
     reserved.add_routes(app.router, RESERVED_PREFIX)
     app.router.add_route("*", "/{tail:.*}", gateway.handle)
     return app

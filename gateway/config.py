@@ -65,6 +65,9 @@ class GatewayConfig:
     timing_rate: TimingRate = field(default_factory=TimingRate)
     log_level: str = "info"
     browser_service_name: str = "browser"
+    #: Query keys whose values are redacted in exported URLs, on top of
+    #: ``gateway.redact.DEFAULT_SENSITIVE_QUERY_KEYS``.
+    redact_query_params: tuple[str, ...] = ()
 
     @property
     def upstream_url(self) -> URL:
@@ -104,6 +107,12 @@ class GatewayConfig:
             raise ConfigError("GATEWAY_MAX_CONNECTIONS must be at least 1")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"GATEWAY_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        for key in self.redact_query_params:
+            if not key or any(c in key for c in "&=#? ") or not key.isprintable():
+                raise ConfigError(
+                    f"GATEWAY_REDACT_QUERY_PARAMS must be comma-separated query keys "
+                    f"(no '&', '=', '#', '?' or spaces), got {key!r}"
+                )
 
     @classmethod
     def from_env(
@@ -154,6 +163,9 @@ class GatewayConfig:
             log_level=pick("log_level", "GATEWAY_LOG_LEVEL", _parse_str, "info").lower(),
             browser_service_name=pick(
                 "browser_service_name", "GATEWAY_BROWSER_SERVICE_NAME", _parse_str, "browser"
+            ),
+            redact_query_params=pick(
+                "redact_query_params", "GATEWAY_REDACT_QUERY_PARAMS", _parse_list, ()
             ),
         )
         config.validate()
