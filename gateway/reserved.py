@@ -1,5 +1,5 @@
-"""The gateway's own endpoints under ``/__gateway/`` (README "What the gateway
-does"), never forwarded.
+"""The gateway's own endpoints under ``/__gateway/``, never forwarded (README
+"What the proxy does (and does not) change").
 
 What it is for: ``clock`` (the snippet's sync burst), ``snippet.js`` /
 ``snippet.mjs`` (the snippet, cacheable), ``beacon`` (browser timings →
