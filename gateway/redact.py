@@ -16,8 +16,9 @@ attributes above plus any captured ``Authorization``, ``Cookie``,
 Not for: bodies (never recorded). The gateway records no header but
 ``User-Agent`` at all.
 
-Hot path: one ``str.find`` for a query without a sensitive key's ``=``-free
-prefix is the common case; the key set is built once per process.
+Hot path: a query without ``=`` is returned as is, any other costs one split
+and a set lookup per parameter, no regex; the key set is built once per
+process (``Gateway`` holds the redactor).
 """
 
 from __future__ import annotations
