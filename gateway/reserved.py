@@ -270,8 +270,9 @@ class Reserved:
 
 
 def is_loopback(address: str) -> bool:
-    """127.0.0.0/8, ::1 or ::ffff:127.x; anything unparsable (a hostile
-    X-Forwarded-For entry) is not."""
+    """Loopback: 127.0.0.0/8 (RFC 6890 §2.2.2), ::1 (RFC 4291 §2.5.3) or
+    127.x written IPv4-mapped (RFC 4291 §2.5.5.2). Anything unparsable (a
+    name, a port, a hostile X-Forwarded-For entry) is not."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
