@@ -54,6 +54,7 @@ RESERVED_PREFIX: Final = "/__gateway/"
 #: aiohttp's application keys.
 CONFIG_KEY: Final = web.AppKey("config", GatewayConfig)
 SESSION_KEY: Final = web.AppKey("session", aiohttp.ClientSession)
+RESERVED_KEY: Final = web.AppKey("reserved", Reserved)
 
 
 class _ProxyResponse(web.StreamResponse):
@@ -409,6 +410,16 @@ def _abort(request: web.BaseRequest) -> None:
         transport.abort()
 
 
+def mark_stopping(app: web.Application) -> None:
+    """``/__gateway/ready`` answers 503 from now on.
+
+    The app's shutdown does this too, but aiohttp runs ``on_shutdown`` after
+    the listener has closed; a stop sequence that wants load balancers to see
+    the 503 calls this first, then keeps serving for a health-check interval.
+    """
+    app[RESERVED_KEY].stopping = True
+
+
 def create_app(
     config: GatewayConfig, *, tracer_provider: ApiTracerProvider | None = None
 ) -> web.Application:
@@ -424,6 +435,7 @@ def create_app(
     app = web.Application(handler_args=dict(proxy.PARSER_LIMITS))
     app[CONFIG_KEY] = config
     app.cleanup_ctx.append(gateway.session_ctx)
+    app[RESERVED_KEY] = reserved
     app.on_shutdown.append(reserved.mark_stopping)
     reserved.add_routes(app.router, RESERVED_PREFIX)
     app.router.add_route("*", "/{tail:.*}", gateway.handle)

@@ -28,7 +28,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from yarl import URL
 
-from gateway.app import create_app
+from gateway.app import create_app, mark_stopping
 from gateway.config import ConfigError, GatewayConfig
 from gateway.redact import REDACTED
 from gateway.reserved import is_loopback
@@ -387,8 +387,9 @@ def test_docker_healthcheck_probes_readiness_and_compose_shares_the_redact_list(
 # -- readiness -------------------------------------------------------------------------
 
 
-async def test_ready_turns_503_once_the_gateway_shuts_down(
-    http: aiohttp.ClientSession, backend: BackendThread
+@pytest.mark.parametrize("how", ["on_shutdown", "mark_stopping"])
+async def test_ready_turns_503_once_the_gateway_is_stopping(
+    http: aiohttp.ClientSession, backend: BackendThread, how: str
 ) -> None:
     config = GatewayConfig().replace(upstream=backend.url, workers=1, clock_key=b"k" * 32)
     app = create_app(config, tracer_provider=make_traced().provider)
@@ -400,8 +401,12 @@ async def test_ready_turns_503_once_the_gateway_shuts_down(
             assert resp.status == 200
             assert resp.headers["Cache-Control"] == "no-store"
             assert await resp.json() == {"status": "ready"}
-        # What AppRunner.cleanup() runs on SIGTERM, before it closes connections.
-        await app.shutdown()
+        if how == "on_shutdown":
+            # What AppRunner.cleanup() runs on SIGTERM (after the listener closes).
+            await app.shutdown()
+        else:
+            # What a stop sequence with a grace period calls first.
+            mark_stopping(app)
         async with http.get(base + "/__gateway/ready") as resp:
             assert resp.status == 503
             assert await resp.json() == {"status": "stopping"}
