@@ -5,11 +5,16 @@ Flask app instrumented with ``FlaskInstrumentor`` (a SERVER span per request)
 and ``RequestsInstrumentor`` (CLIENT spans and injected ``traceparent`` for
 outgoing calls), the home feed with its custom ``mock-data`` span, the
 routes that make demos and proxy tests honest (echo, slow, status, bytes,
-gzip, cookies, redirect) and the backend's own CORS (``FRONTEND_URL``).
+gzip, cookies, redirect) and the backend's own CORS (``FRONTEND_URL``). Its
+spans follow the gateway's privacy rules (README "Secrets and privacy in
+spans"): sensitive query values become ``REDACTED`` and
+``Authorization``/``Cookie``/``Set-Cookie`` are never recorded, whatever the
+``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*`` variables ask
+(:func:`span_scrubber`).
 
 What it is not for: building the tracer provider or serving. Nothing happens
-at import time and no global tracer provider is set here (after the
-Flask tutorial's ``create_app``); ``backend.cli`` and ``backend.wsgi`` build
+at import time and no global tracer provider is set here (after the Flask
+tutorial's ``create_app``); ``backend.cli`` and ``backend.wsgi`` build
 the provider and pass it in, tests pass one with an in-memory exporter.
 """
 
@@ -19,9 +24,10 @@ import gzip
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,11 +37,13 @@ from flask import Flask, Response, abort, current_app, jsonify, redirect, reques
 from opentelemetry import trace
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
+from opentelemetry.sdk.trace import Span as SdkSpan
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 from werkzeug.wrappers import Response as BaseResponse
 
 from backend.data import DEMO_USER_ID, home_activities
+from gateway.redact import QueryRedactor
 
 MAX_SLOW_MS = 60_000
 MAX_BYTES = 2 * 1024**3
@@ -78,6 +86,9 @@ DEFAULT_FRONTEND_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
 CORS_METHODS = ("OPTIONS", "GET", "HEAD", "POST")
 CORS_ALLOW_HEADERS = frozenset({"content-type", "if-modified-since"})
 CORS_EXPOSE_HEADERS = "location, link"
+#: Extra query keys to redact in spans, comma-separated, on top of the
+#: gateway's default list (``gateway.redact.DEFAULT_SENSITIVE_QUERY_KEYS``).
+REDACT_QUERY_PARAMS_ENV = "BACKEND_REDACT_QUERY_PARAMS"
 
 
 def create_app(
@@ -85,6 +96,7 @@ def create_app(
     tracer_provider: trace.TracerProvider | None = None,
     enable_test_callback: bool = False,
     frontend_origins: tuple[str, ...] = DEFAULT_FRONTEND_ORIGINS,
+    redact_query_params: Iterable[str] | None = None,
 ) -> Flask:
     """A new, instrumented backend app.
 
@@ -94,15 +106,26 @@ def create_app(
     test process neither double-instruments nor warns. ``enable_test_callback``
     registers ``POST /api/trace-context-test`` (the W3C test-suite service).
     ``frontend_origins`` are the browser origins granted CORS on ``/api/*``.
+    ``redact_query_params`` adds query keys to redact in spans (default: the
+    comma-separated ``BACKEND_REDACT_QUERY_PARAMS``).
     """
+    if redact_query_params is None:
+        raw = os.environ.get(REDACT_QUERY_PARAMS_ENV, "")
+        redact_query_params = [key.strip() for key in raw.split(",") if key.strip()]
+    scrub = span_scrubber(QueryRedactor(redact_query_params))
     app = Flask(__name__)
     app.extensions[_ORIGINS_KEY] = frozenset(frontend_origins)
     app.after_request(cors)
-    # The Flask instrumentation ships without type hints.
-    FlaskInstrumentor().instrument_app(app, tracer_provider=tracer_provider)  # type: ignore[no-untyped-call]
-    requests_instrumentor = RequestsInstrumentor()
-    if not requests_instrumentor.is_instrumented_by_opentelemetry:
-        requests_instrumentor.instrument(tracer_provider=tracer_provider)
+    # The Flask instrumentation ships without type hints. Its request_hook
+    # cannot redact (the instrumentation sets the request attributes again
+    # after calling it); the response_hook runs after both the request and
+    # the response attributes are set, while the span still records.
+    FlaskInstrumentor().instrument_app(  # type: ignore[no-untyped-call]
+        app,
+        tracer_provider=tracer_provider,
+        response_hook=lambda span, _status, _headers: scrub(span),
+    )
+    instrument_requests(tracer_provider, scrub)
     if tracer_provider is not None:
         app.extensions[_TRACER_KEY] = tracer_provider.get_tracer(__name__)
     else:
@@ -125,6 +148,43 @@ def create_app(
         app.add_url_rule("/api/trace-context-test", view_func=trace_context_test, methods=["POST"])
     app.register_error_handler(HTTPException, json_error)
     return app
+
+
+def span_scrubber(redactor: QueryRedactor) -> Callable[[trace.Span | None], None]:
+    """A hook that overwrites a recording span's secrets (sensitive query
+    values, captured credential headers) with ``REDACTED``."""
+
+    def scrub(span: trace.Span | None) -> None:
+        # Only SDK spans expose what they recorded; others record nothing
+        # this process exports.
+        if isinstance(span, SdkSpan) and span.is_recording():
+            overrides = redactor.span_overrides(span.attributes or {})
+            if overrides:
+                span.set_attributes(overrides)
+
+    return scrub
+
+
+def instrument_requests(
+    tracer_provider: trace.TracerProvider | None,
+    scrub: Callable[[trace.Span | None], None] | None = None,
+) -> None:
+    """Instrument ``requests`` once per process (CLIENT spans, injected
+    ``traceparent``), with the provider and scrubber of the first caller.
+
+    The scrubber runs after the span starts (URL attributes) and after the
+    response (captured response headers)."""
+    instrumentor = RequestsInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        return
+    if scrub is None:
+        scrub = span_scrubber(QueryRedactor())
+    hook = scrub
+    instrumentor.instrument(
+        tracer_provider=tracer_provider,
+        request_hook=lambda span, _request: hook(span),
+        response_hook=lambda span, _request, _response: hook(span),
+    )
 
 
 def json_error(error: HTTPException) -> BaseResponse:

@@ -17,6 +17,9 @@ RUN useradd --system --uid 10001 --create-home app && mkdir -p /data && chown ap
 USER app
 
 EXPOSE 8080
+# Readiness: compose starts the load balancer once the replicas are ready; a
+# replica that is stopping reports unhealthy, one whose backend is down does
+# not (README "Health: liveness and readiness").
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/__gateway/health', timeout=2)"]
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/__gateway/ready', timeout=2)"]
 CMD ["python", "-m", "gateway", "--host", "0.0.0.0"]

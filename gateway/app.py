@@ -44,6 +44,7 @@ from gateway import __version__, context, measure, proxy, timing
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
 from gateway.http import json_error, method_attribute, ms, span_name
+from gateway.redact import QueryRedactor
 from gateway.reserved import Reserved
 from gateway.telemetry import Telemetry
 
@@ -55,6 +56,7 @@ RESERVED_PREFIX: Final = "/__gateway/"
 #: aiohttp's application keys.
 CONFIG_KEY: Final = web.AppKey("config", GatewayConfig)
 SESSION_KEY: Final = web.AppKey("session", aiohttp.ClientSession)
+RESERVED_KEY: Final = web.AppKey("reserved", Reserved)
 
 
 class _ProxyResponse(web.StreamResponse):
@@ -90,6 +92,9 @@ class Gateway:
         self.upstream = config.upstream_url
         self.cors = Cors(config.allowed_origins)
         self.measurement = measure.Measurement(config)
+        # Built once per process: every url.full / url.query this gateway
+        # exports goes through it.
+        self.redactor = QueryRedactor(config.redact_query_params)
         self.session: aiohttp.ClientSession | None = None
         self._server_port = self.upstream.port
         self._timeout = aiohttp.ClientTimeout(
@@ -153,6 +158,11 @@ class Gateway:
         }
         if known == "_OTHER":
             attributes["http.request.method_original"] = method[:64]
+        raw_query = request.rel_url.raw_query_string
+        if raw_query:
+            # HTTP semconv: url.query is recommended on server spans, and
+            # "sensitive content provided in query string SHOULD be scrubbed".
+            attributes["url.query"] = self.redactor.query(raw_query)
         host = request.host
         if host:
             attributes["server.address"] = host.rsplit(":", 1)[0] if host[-1:] != "]" else host
@@ -230,7 +240,7 @@ class Gateway:
             kind=SpanKind.CLIENT,
             attributes={
                 "http.request.method": known,
-                "url.full": redact(target),
+                "url.full": self.redactor.url(str(target)),
                 "server.address": self.upstream.host or "",
                 "server.port": self._server_port or 80,
             },
@@ -387,13 +397,6 @@ class _Exchange:
         self.inbound: SpanContext | None = None
 
 
-def redact(url: URL) -> str:
-    """``url.full`` without credentials (HTTP semantic conventions)."""
-    if url.user is not None or url.password is not None:
-        url = url.with_user("REDACTED").with_password("REDACTED")
-    return str(url)
-
-
 def _classify(exc: BaseException, body_too_large: bool) -> tuple[int, str, str]:
     """(status, message, error.type) for a failure before the upstream answered."""
     if body_too_large or isinstance(exc, proxy.BodyTooLarge):
@@ -422,6 +425,16 @@ def _abort(request: web.BaseRequest) -> None:
         transport.abort()
 
 
+def mark_stopping(app: web.Application) -> None:
+    """``/__gateway/ready`` answers 503 from now on.
+
+    The app's shutdown does this too, but aiohttp runs ``on_shutdown`` after
+    the listener has closed; a stop sequence that wants load balancers to see
+    the 503 calls this first, then keeps serving for a health-check interval.
+    """
+    app[RESERVED_KEY].stopping = True
+
+
 def create_app(
     config: GatewayConfig,
     *,
@@ -445,6 +458,8 @@ def create_app(
     app = web.Application(handler_args=dict(proxy.PARSER_LIMITS))
     app[CONFIG_KEY] = config
     app.cleanup_ctx.append(gateway.session_ctx)
+    app[RESERVED_KEY] = reserved
+    app.on_shutdown.append(reserved.mark_stopping)
     reserved.add_routes(app.router, RESERVED_PREFIX)
     app.router.add_route("*", "/{tail:.*}", gateway.handle)
     return app

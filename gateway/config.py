@@ -72,7 +72,8 @@ class GatewayConfig:
     timing_rate: TimingRate = field(default_factory=TimingRate)
     log_level: str = "info"
     browser_service_name: str = "browser"
-    #: Extra query keys whose values are redacted from url.full/url.query.
+    #: Query keys whose values are redacted in exported URLs, on top of
+    #: ``gateway.redact.DEFAULT_SENSITIVE_QUERY_KEYS``.
     redact_query_params: tuple[str, ...] = ()
 
     @property
@@ -119,6 +120,12 @@ class GatewayConfig:
             raise ConfigError("GATEWAY_MAX_CONNECTIONS must be at least 1")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"GATEWAY_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        for param in self.redact_query_params:
+            if not param or any(c in param for c in "&=#? ") or not param.isprintable():
+                raise ConfigError(
+                    f"GATEWAY_REDACT_QUERY_PARAMS must be comma-separated query keys "
+                    f"(no '&', '=', '#', '?' or spaces), got {param!r}"
+                )
 
     @classmethod
     def from_env(
@@ -174,6 +181,9 @@ class GatewayConfig:
             log_level=pick("log_level", "GATEWAY_LOG_LEVEL", _parse_str, "info").lower(),
             browser_service_name=pick(
                 "browser_service_name", "GATEWAY_BROWSER_SERVICE_NAME", _parse_str, "browser"
+            ),
+            redact_query_params=pick(
+                "redact_query_params", "GATEWAY_REDACT_QUERY_PARAMS", _parse_list, ()
             ),
         )
         config.validate()

@@ -7,16 +7,23 @@ own spans and the browser spans it builds from beacons) goes through
 scrubbed", the value replaced by ``REDACTED`` and the key kept, and
 credentials in the URL replaced the same way.
 
-Not for: headers (``Authorization``, ``Cookie`` and ``Set-Cookie`` are never
-recorded at all) or bodies (never recorded).
+Also :meth:`QueryRedactor.span_overrides`, for spans an instrumentation
+library records (the demo backend's Flask and requests spans): the URL
+attributes above plus any captured ``Authorization``, ``Cookie``,
+``Set-Cookie`` or ``Proxy-Authorization`` header, whatever the
+``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*`` variables ask.
 
-Hot path: one ``str.find`` for a query without a sensitive key's ``=``-free
-prefix is the common case; the key set is built once per process.
+Not for: bodies (never recorded). The gateway records no header but
+``User-Agent`` at all.
+
+Hot path: a query without ``=`` is returned as is, any other costs one split
+and a set lookup per parameter, no regex; the key set is built once per
+process (``Gateway`` holds the redactor).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Final
 from urllib.parse import unquote
 
@@ -50,6 +57,24 @@ DEFAULT_SENSITIVE_QUERY_KEYS: Final = (
     "AWSAccessKeyId",
     "X-Goog-Signature",
     "X-Goog-Credential",
+)
+
+
+#: Attributes holding a URL or a request target (HTTP semconv ``url.full``; the
+#: older ``http.url`` and ``http.target`` that instrumentations still emit by
+#: default) and the query alone (``url.query``).
+_URL_ATTRIBUTES: Final = ("url.full", "http.url", "http.target")
+_QUERY_ATTRIBUTE: Final = "url.query"
+
+#: Captured header attributes (HTTP semconv ``http.request.header.<key>``,
+#: ``http.response.header.<key>``, key lowercased with ``-`` as ``_`` by the
+#: Python instrumentations) whose values are credentials: RFC 9110 §11.6.2
+#: Authorization, §11.7.2 Proxy-Authorization, RFC 6265 §5.4 Cookie, §4.1
+#: Set-Cookie.
+SECRET_HEADER_ATTRIBUTES: Final = frozenset(
+    f"http.{direction}.header.{name}"
+    for direction in ("request", "response")
+    for name in ("authorization", "proxy_authorization", "cookie", "set_cookie")
 )
 
 
@@ -92,6 +117,21 @@ class QueryRedactor:
         if question:
             base += "?" + self.query(raw_query)
         return base
+
+    def span_overrides(self, attributes: Mapping[str, object]) -> dict[str, str | tuple[str, ...]]:
+        """The attributes of a recorded span that carry a secret, with the
+        values to overwrite them with (empty when nothing needs it)."""
+        overrides: dict[str, str | tuple[str, ...]] = {}
+        for key in _URL_ATTRIBUTES:
+            value = attributes.get(key)
+            if isinstance(value, str) and (redacted := self.url(value)) != value:
+                overrides[key] = redacted
+        query = attributes.get(_QUERY_ATTRIBUTE)
+        if isinstance(query, str) and (redacted := self.query(query)) != query:
+            overrides[_QUERY_ATTRIBUTE] = redacted
+        for key in SECRET_HEADER_ATTRIBUTES.intersection(attributes):
+            overrides[key] = (REDACTED,)
+        return overrides
 
     def _sensitive(self, name: str) -> bool:
         key = name.lower()

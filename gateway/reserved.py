@@ -1,9 +1,11 @@
-"""The gateway's own endpoints under ``/__gateway/``, never forwarded.
+"""The gateway's own endpoints under ``/__gateway/``, never forwarded (README
+"What the proxy does (and does not) change").
 
 What it is for: ``clock`` (the snippet's sync burst), ``snippet.js`` /
 ``snippet.mjs`` (the snippet, cacheable), ``beacon`` (browser timings →
-browser spans, see ``beacon.py``), ``health``, CORS preflights for these, and
-a JSON 404 for anything else under the prefix.
+browser spans, see ``beacon.py``), ``health`` (liveness, with detail for
+operators only) and ``ready`` (readiness, for load balancers), CORS
+preflights for these, and a JSON 404 for anything else under the prefix.
 
 Not for: proxying (``app.py``).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import os
 import time
@@ -72,6 +75,9 @@ class Reserved:
         self.redactor = QueryRedactor(config.redact_query_params)
         self.telemetry = telemetry
         self._health: tuple[float, dict[str, Any]] | None = None
+        #: Set once the application shuts down (SIGTERM): readiness turns 503
+        #: so a load balancer stops sending before the connections close.
+        self.stopping = False
         # Browser spans are built from beacons, not started by a tracer (their
         # span ids are the browser's), so they go straight to the span
         # processor the process built: the same batch processor and exporter
@@ -86,6 +92,7 @@ class Reserved:
 
     def add_routes(self, router: web.UrlDispatcher, prefix: str) -> None:
         router.add_get(prefix + "health", self.health, allow_head=True)
+        router.add_get(prefix + "ready", self.ready, allow_head=True)
         router.add_get(prefix + "clock", self.clock, allow_head=True)
         router.add_get(prefix + "snippet.js", self.snippet_file, allow_head=True)
         router.add_get(prefix + "snippet.mjs", self.snippet_file, allow_head=True)
@@ -94,27 +101,60 @@ class Reserved:
         router.add_route("*", prefix + "{tail:.*}", self.reserved_not_found)
 
     async def health(self, request: web.Request) -> web.Response:
-        """Upstream reachability (a TCP connect, no request), exporter queue, version."""
-        upstream = await self._upstream_health()
-        body = {
-            "status": "ok" if upstream["reachable"] else "degraded",
-            "version": __version__,
-            "pid": os.getpid(),
-            "upstream": upstream,
-            "exporter": exporter_status(self.telemetry),
-            "beacon": dict(self.beacon_counts),
-        }
+        """Liveness: 200 while this process serves, whatever the upstream does.
+
+        Anyone gets ``{"status": "ok"}``; the detail (version, pid, upstream
+        reachability, exporter queue, beacon counters) only goes to an
+        operator (see :meth:`sees_detail`): it tells an attacker what runs
+        here and lets anyone on the internet trigger upstream probes."""
+        body: dict[str, Any] = {"status": "ok"}
+        if self.sees_detail(request):
+            body.update(
+                version=__version__,
+                pid=os.getpid(),
+                upstream=await self._upstream_health(),
+                exporter=exporter_status(self.telemetry),
+                beacon=dict(self.beacon_counts),
+            )
         return web.Response(
-            status=200 if upstream["reachable"] else 503,
-            text=json.dumps(body),
+            text=json.dumps(body), content_type=JSON, headers={"Cache-Control": "no-store"}
+        )
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """Readiness, for a load balancer: 200 while serving, 503 once the
+        gateway is stopping. Never 503 because the upstream is down: every
+        replica shares the upstream, so pulling them all would turn the
+        clients' clear 502 answers into connection errors."""
+        stopping = self.stopping
+        return web.Response(
+            status=503 if stopping else 200,
+            text=json.dumps({"status": "stopping" if stopping else "ready"}),
             content_type=JSON,
             headers={"Cache-Control": "no-store"},
         )
 
+    async def mark_stopping(self, app: web.Application) -> None:
+        """``on_shutdown`` callback: readiness answers 503 from now on."""
+        self.stopping = True
+
+    def sees_detail(self, request: web.BaseRequest) -> bool:
+        """Whether this request may see the health detail.
+
+        Yes for a client on loopback (as ``GATEWAY_TRUSTED_PROXIES`` resolves
+        the client, so a loopback proxy forwarding a public client does not
+        count), and for the trusted proxy itself: with
+        ``GATEWAY_TRUSTED_PROXIES`` > 0 the operator says the peer is that
+        proxy, and a request without ``X-Forwarded-For`` is the proxy's own
+        (its health check), not a client's it forwards.
+        """
+        trusted = self.config.trusted_proxies
+        if trusted > 0 and "x-forwarded-for" not in request.headers:
+            return True
+        return is_loopback(proxy.forwarding(request, trusted).client_address)
+
     async def _upstream_health(self) -> dict[str, Any]:
-        # One probe per HEALTH_CACHE_S at most: a burst of health checks (a
-        # load balancer, or anyone on the internet) must not become a burst
-        # of connections to the backend.
+        # One probe per HEALTH_CACHE_S at most: a burst of detailed health
+        # checks must not become a burst of connections to the backend.
         now = time.monotonic()
         if self._health is not None and now - self._health[0] < HEALTH_CACHE_S:
             return self._health[1]
@@ -234,6 +274,19 @@ class Reserved:
         return await self.reserved_not_found(request)
 
     # -- the proxy -------------------------------------------------------
+
+
+def is_loopback(address: str) -> bool:
+    """Loopback: 127.0.0.0/8 (RFC 6890 §2.2.2), ::1 (RFC 4291 §2.5.3) or
+    127.x written IPv4-mapped (RFC 4291 §2.5.5.2). Anything unparsable (a
+    name, a port, a hostile X-Forwarded-For entry) is not."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 def exporter_status(telemetry: Telemetry | None) -> dict[str, Any]:

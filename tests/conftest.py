@@ -19,12 +19,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
+from backend.app import instrument_requests
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.telemetry import Telemetry
@@ -65,7 +65,7 @@ def make_traced(sampler: Any = ALWAYS_ON, service: str = "test") -> Traced:
 # for the session backend's provider before any test builds another app, so
 # its callback CLIENT spans land in ``backend.traced``.
 _BACKEND_TRACED = make_traced(sampler=None, service="backend")
-RequestsInstrumentor().instrument(tracer_provider=_BACKEND_TRACED.provider)
+instrument_requests(_BACKEND_TRACED.provider)
 
 
 @pytest.fixture(scope="session")

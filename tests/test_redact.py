@@ -63,3 +63,31 @@ def test_redaction_never_raises_and_never_keeps_a_secret(query: str) -> None:
     secret = "S3CRETVALUE"
     out = REDACTOR.url(f"http://h/p?{query}&access_token={secret}")
     assert secret not in out
+
+
+def test_span_overrides_redact_url_attributes_and_secret_headers() -> None:
+    attributes = {
+        "http.target": "/p?token=t&q=1",
+        "http.url": "http://u:p@h/p?q=1",
+        "url.full": "http://h/p?q=1",  # nothing to hide: not overwritten
+        "url.query": "sig=s&q=1",
+        "http.request.header.authorization": ("Bearer b",),
+        "http.request.header.cookie": ("c=1",),
+        "http.response.header.set_cookie": ("s=1",),
+        "http.request.header.proxy_authorization": ("Basic x",),
+        "http.request.header.x_probe": ("visible",),
+        "http.response.status_code": 200,
+    }
+    assert REDACTOR.span_overrides(attributes) == {
+        "http.target": f"/p?token={REDACTED}&q=1",
+        "http.url": f"http://{REDACTED}:{REDACTED}@h/p?q=1",
+        "url.query": f"sig={REDACTED}&q=1",
+        "http.request.header.authorization": (REDACTED,),
+        "http.request.header.cookie": (REDACTED,),
+        "http.response.header.set_cookie": (REDACTED,),
+        "http.request.header.proxy_authorization": (REDACTED,),
+    }
+
+
+def test_span_overrides_add_nothing_to_a_clean_span() -> None:
+    assert REDACTOR.span_overrides({"url.path": "/p", "http.target": "/p?q=1"}) == {}
