@@ -3,7 +3,8 @@ web UI, CLI and report, against real servers on loopback ports, the real
 OTel exporter, real SQLite files and real Chromium.
 
 Spec references: OTLP/HTTP (https://opentelemetry.io/docs/specs/otlp/#otlphttp)
-for encodings, status codes and the JSON hex-id rule; DESIGN §2 for the
+for encodings, status codes and the JSON hex-id rule; RFC 9110 §7.2 and
+§15.5.20 for the Host check; the README's "No key? The local viewer" for the
 route definition and the command line.
 """
 

@@ -8,7 +8,7 @@ runs, and the caller owns (and closes) the store.
 
 Not for: decoding (``otlp.py``), SQL (``store.py``) or markup (``pages.py``).
 The event loop never touches SQLite or inflates a body: both go through
-``asyncio.to_thread`` (DESIGN §2).
+``asyncio.to_thread``.
 """
 
 from __future__ import annotations
