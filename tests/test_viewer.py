@@ -1033,7 +1033,14 @@ def host_request(port: int, method: str, path: str, host: bytes | None, body: by
         ("POST", "/v1/traces", "application/json"),
     ],
 )
-@pytest.mark.parametrize("host", [b"evil.example", b"evil.example:4318", b"127.0.0.1.evil.example"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"evil.example",
+        b"evil.example:4318",
+        b"127.0.0.1.evil.example",
+    ],
+)
 async def test_foreign_host_is_421_for_the_ui_and_the_receiver(
     viewer: ViewerServer, method: str, path: str, content_type: str, host: bytes
 ) -> None:
@@ -1052,6 +1059,16 @@ async def test_foreign_host_is_421_for_the_ui_and_the_receiver(
     assert "--allowed-hosts" in text
     assert "/api/activities" not in text  # no stored data leaks into the refusal
     assert viewer.store.count() == before  # and nothing was stored
+
+
+@pytest.mark.parametrize(
+    "host", [b"localhost\r\nHost: evil.example", b"evil.example\r\nHost: localhost"]
+)
+async def test_two_host_headers_are_400(viewer: ViewerServer, host: bytes) -> None:
+    # RFC 9112 §3.2: more than one Host field is a 400 (aiohttp's parser).
+    port = int(viewer.url.rsplit(":", 1)[1])
+    response = await asyncio.to_thread(host_request, port, "GET", "/api/traces", host)
+    assert parse_head(response)[0] == 400, response[:300]
 
 
 @pytest.mark.parametrize(

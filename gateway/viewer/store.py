@@ -363,9 +363,10 @@ class Store:
         return self._read(read) if limit > 0 else []
 
     def server_spans(self, since_ns: int | None = None) -> dict[str, list[SpanRecord]]:
-        """SERVER spans by trace id (what per-route latency needs: the
-        gateway's and the backend's), for spans starting at or after
-        ``since_ns``."""
+        """SERVER spans by trace id (the gateway's and the backend's), for
+        spans starting at or after ``since_ns``. Loads every match into
+        memory: the reference input of ``report.route_stats`` for tests and
+        small stores; the pages use ``route_stats`` instead."""
         return self._read(
             lambda conn: _by_trace(
                 _record(row)
