@@ -45,8 +45,11 @@ import microbench  # noqa: E402
 import pyspy  # noqa: E402
 import report  # noqa: E402
 import servers  # noqa: E402
+import viewer_bench  # noqa: E402
 from harness import BENCH, ROOT, Procs, log  # noqa: E402
 from report import Case  # noqa: E402
+
+from gateway.viewer.store import DEFAULT_MAX_SPANS  # noqa: E402
 
 ALL = (1, 16, 64)
 
@@ -594,6 +597,11 @@ def main() -> int:
     results_md = out_dir / "RESULTS.md"
     results_md.write_text(report.render(r, cases, png.name))
     print(report.console_tables(r, cases))
+    log("viewer: every page with the store at its retention limit")
+    viewer_bench.write_section(
+        results_md,
+        viewer_bench.section(viewer_bench.run(spans=20_000 if quick else DEFAULT_MAX_SPANS)),
+    )
     log(f"wrote {results_md} and {png} in {r['meta']['runtime_s'] / 60:.1f} min")
     return 0
 

@@ -57,14 +57,32 @@ def test_compose_wires_the_stack_together() -> None:
             "http://otel-collector:4318"
         )
         assert services[name]["environment"]["OTEL_SERVICE_NAME"] == name
-    assert "8080:8080" in services["lb"]["ports"]
-    assert "3000:3000" in services["demo"]["ports"]
+    assert "127.0.0.1:8080:8080" in services["lb"]["ports"]
+    assert "127.0.0.1:3000:3000" in services["demo"]["ports"]
     assert "--gateway" in services["demo"]["command"]
     collector = services["otel-collector"]
     assert collector["image"].startswith("otel/opentelemetry-collector")
     assert collector["image"].split(":")[1][0].isdigit(), "pin the image"
     assert collector["environment"]["HONEYCOMB_API_KEY"].startswith("${HONEYCOMB_API_KEY")
-    assert services["viewer"]["command"][:3] == ["python", "-m", "gateway.viewer"]
+    viewer_command = services["viewer"]["command"]
+    assert viewer_command[:3] == ["python", "-m", "gateway.viewer"]
+    # The collector posts to http://viewer:4318: that Host must pass the
+    # viewer's DNS-rebinding check.
+    assert viewer_command[viewer_command.index("--allowed-hosts") + 1] == "viewer"
+
+
+def test_compose_publishes_ports_on_loopback_only() -> None:
+    # A bare "HOST:CONTAINER" mapping listens on every interface: the viewer
+    # and the collector have no authentication, so only this machine may reach them.
+    services = _compose()["services"]
+    published = {name: s.get("ports", []) for name, s in services.items()}
+    assert published["viewer"] == ["127.0.0.1:16686:4318"]
+    assert published["otel-collector"] == ["127.0.0.1:4318:4318"]
+    assert published["lb"] == ["127.0.0.1:8080:8080"]
+    assert published["demo"] == ["127.0.0.1:3000:3000"]
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
 
 
 def _collector_config() -> dict[str, Any]:

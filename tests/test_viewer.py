@@ -3,7 +3,8 @@ web UI, CLI and report, against real servers on loopback ports, the real
 OTel exporter, real SQLite files and real Chromium.
 
 Spec references: OTLP/HTTP (https://opentelemetry.io/docs/specs/otlp/#otlphttp)
-for encodings, status codes and the JSON hex-id rule; DESIGN §2 for the
+for encodings, status codes and the JSON hex-id rule; RFC 9110 §7.2 and
+§15.5.20 for the Host check; the README's "No key? The local viewer" for the
 route definition and the command line.
 """
 
@@ -15,13 +16,16 @@ import io
 import itertools
 import json
 import os
+import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +35,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from google.protobuf import json_format
 from google.rpc import status_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -44,13 +50,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from playwright.async_api import async_playwright
 
-from gateway.viewer import otlp
+from gateway.viewer import hosts, otlp
 from gateway.viewer.app import create_app
 from gateway.viewer.cli import ServeConfig, UsageError, report_config, serve_config
 from gateway.viewer.report import percentile, route_stats
 from gateway.viewer.spans import SpanRecord, waterfall
 from gateway.viewer.store import Store
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.servers import Process, parse_head, raw_request
 
 ROOT = Path(__file__).resolve().parents[1]
 MS = 1_000_000
@@ -997,3 +1004,389 @@ async def test_waterfall_and_latency_pages_in_chromium(
         finally:
             await browser.close()
     assert (shots / "viewer-waterfall.png").stat().st_size > 1000
+
+
+# -- DNS rebinding: the Host header ------------------------------------------------------
+#
+# A page on evil.example can resolve its own name to 127.0.0.1 and read the viewer
+# as same-origin; its requests still say "Host: evil.example" (RFC 9110 §7.2).
+
+
+def host_request(port: int, method: str, path: str, host: bytes | None, body: bytes = b"") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\n".encode()
+    if host is not None:
+        head += b"Host: " + host + b"\r\n"
+    if method == "POST":
+        head += f"Content-Type: application/x-protobuf\r\nContent-Length: {len(body)}\r\n".encode()
+    else:
+        body = b""
+    return raw_request(port, head + b"Connection: close\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content_type"),
+    [
+        ("GET", "/", "text/plain"),
+        ("GET", "/latency", "text/plain"),
+        ("GET", "/traces/" + "1" * 32, "text/plain"),
+        ("GET", "/api/traces", "application/json"),
+        ("GET", "/api/latency", "application/json"),
+        ("POST", "/v1/traces", "application/json"),
+    ],
+)
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"evil.example",
+        b"evil.example:4318",
+        b"127.0.0.1.evil.example",
+    ],
+)
+async def test_foreign_host_is_421_for_the_ui_and_the_receiver(
+    viewer: ViewerServer, method: str, path: str, content_type: str, host: bytes
+) -> None:
+    seed(viewer.store, time.time_ns())
+    before = viewer.store.count()
+    port = int(viewer.url.rsplit(":", 1)[1])
+    body = proto_request(synthetic_trace(77, start_ns=time.time_ns())).SerializeToString()
+    response = await asyncio.to_thread(host_request, port, method, path, host, body)
+    status, head, payload = parse_head(response)
+    headers = {k.lower(): v for k, v in head}
+    # RFC 9110 §15.5.20: 421, this server does not answer for that name.
+    assert status == 421, response[:300]
+    assert headers["content-type"].startswith(content_type)
+    text = payload.decode()
+    assert host.decode() in text
+    assert "--allowed-hosts" in text
+    assert "/api/activities" not in text  # no stored data leaks into the refusal
+    assert viewer.store.count() == before  # and nothing was stored
+
+
+@pytest.mark.parametrize(
+    "host", [b"localhost\r\nHost: evil.example", b"evil.example\r\nHost: localhost"]
+)
+async def test_two_host_headers_are_400(viewer: ViewerServer, host: bytes) -> None:
+    # RFC 9112 §3.2: more than one Host field is a 400 (aiohttp's parser).
+    port = int(viewer.url.rsplit(":", 1)[1])
+    response = await asyncio.to_thread(host_request, port, "GET", "/api/traces", host)
+    assert parse_head(response)[0] == 400, response[:300]
+
+
+@pytest.mark.parametrize(
+    "host", [b"127.0.0.1", b"127.0.0.1:{port}", b"LOCALHOST:{port}", b"localhost.", b"[::1]:{port}",
+             b"127.0.0.2"],
+)  # fmt: skip
+async def test_own_names_are_answered(viewer: ViewerServer, host: bytes) -> None:
+    port = int(viewer.url.rsplit(":", 1)[1])
+    value = host.replace(b"{port}", str(port).encode())
+    response = await asyncio.to_thread(host_request, port, "GET", "/api/traces", value)
+    assert parse_head(response)[0] == 200, response[:300]
+
+
+@pytest.mark.parametrize(
+    ("header", "verdict"),
+    [
+        (None, False),  # RFC 9112 §3.2: HTTP/1.1 requires Host; browsers always send it
+        ("", False),
+        ("viewer", True),
+        ("viewer:4318", True),
+        ("Viewer.:4318", True),  # RFC 9110 §4.2.3: case-insensitive; a root dot is the same name
+        ("viewer:43x8", False),
+        ("viewer:123456", False),
+        ("viewer.evil.example", False),
+        ("evil.example", False),
+        ("localhost", True),
+        ("127.9.9.9:80", True),  # all of 127.0.0.0/8 is loopback
+        ("[::1]", True),
+        ("[::1", False),
+        ("[::2]:80", False),
+        ("10.0.0.8:4318", False),
+        ("0.0.0.0:4318", False),  # a wildcard bind is not a name
+    ],
+)
+def test_host_verdicts(header: str | None, verdict: bool) -> None:
+    allowed = hosts.allowed_names("0.0.0.0", ["viewer"])
+    assert hosts.is_allowed(header, allowed) is verdict
+
+
+@pytest.fixture(scope="module")
+def docker_like_viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    """The viewer as docker-compose runs it: every interface, --allowed-hosts viewer."""
+    db = tmp_path_factory.mktemp("compose") / "traces.db"
+    args = ["--host", "0.0.0.0", "--port", "0", "--db", str(db), "--allowed-hosts", "viewer"]
+    with Process("gateway.viewer", args, viewer_env()) as proc:
+        yield proc
+
+
+def test_cli_allowed_hosts_lets_the_collector_post_as_viewer(docker_like_viewer: Process) -> None:
+    port = docker_like_viewer.port
+    body = proto_request(synthetic_trace(78, start_ns=time.time_ns())).SerializeToString()
+    for host, status in ((b"viewer:4318", 200), (b"evil.example:4318", 421)):
+        response = host_request(port, "POST", "/v1/traces", host, body)
+        assert parse_head(response)[0] == status, response[:300]
+
+
+OWN_NAME = re.compile(rb"(?i)(viewer|localhost|127(\.[0-9]{1,3}){3}|\[::1\])\.?(:[0-9]{0,5})?")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(host=st.binary(max_size=80).filter(lambda b: b"\r" not in b and b"\n" not in b))
+def test_fuzzed_host_headers_never_500_and_only_own_names_pass(
+    docker_like_viewer: Process, host: bytes
+) -> None:
+    response = host_request(docker_like_viewer.port, "GET", "/api/traces", host)
+    status = parse_head(response)[0]
+    assert status in (200, 400, 421), response[:300]
+    if status == 200:  # only the viewer's own names, spelled out independently of hosts.py
+        assert OWN_NAME.fullmatch(host.strip()), host
+    assert "Traceback" not in docker_like_viewer.stderr_text()
+
+
+# -- per-span limits ----------------------------------------------------------------------
+
+
+async def test_attribute_values_are_cut_and_counts_bounded(
+    tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    store = Store(tmp_path / "traces.db")
+    limits = otlp.Limits(attribute_chars=100, attributes=20, events=5)
+    server = TestServer(create_app(store, limits=limits), host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        spans = synthetic_trace(40, start_ns=time.time_ns())
+        message = proto_request(spans)
+        proto = message.resource_spans[0].scope_spans[0].spans[0]
+        proto.name = "N" * 500
+        proto.attributes.extend(
+            [
+                KeyValue(key="long", value=AnyValue(string_value="é" * 5000)),
+                KeyValue(key="k" * 300, value=AnyValue(int_value=7)),
+                KeyValue(key="big.number", value=AnyValue(int_value=2**62)),
+            ]
+        )
+        array = AnyValue()
+        array.array_value.values.extend(
+            [AnyValue(string_value="a" * 150), AnyValue(int_value=5), AnyValue(string_value="b")]
+        )
+        proto.attributes.append(KeyValue(key="array", value=array))
+        proto.attributes.extend(
+            KeyValue(key=f"extra.{i:03}", value=AnyValue(int_value=i)) for i in range(50)
+        )
+        for i in range(12):
+            event = proto.events.add(name=f"event {i} " + "x" * 200, time_unix_nano=i)
+            event.attributes.extend(
+                KeyValue(key=f"e{j}", value=AnyValue(string_value="v" * 300)) for j in range(30)
+            )
+        url = str(server.make_url("")).rstrip("/")
+        status, _, _, _ = await post(
+            client, url, message.SerializeToString(), "application/x-protobuf"
+        )
+        assert status == 200
+        doc = await get_json(client, f"{url}/api/traces/{spans[0].trace_id}")
+        span = next(s for s in doc["spans"] if s["span_id"] == spans[0].span_id)
+        attrs = span["attributes"]
+        # OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT: strings, and strings in arrays, cut to N
+        # characters (not bytes); other types untouched.
+        assert span["name"] == "N" * 100
+        assert attrs["long"] == "é" * 100
+        assert attrs["k" * 100] == 7
+        assert attrs["big.number"] == 2**62
+        assert attrs["array"] == ["a" * 100, 5, "b"]
+        # The count limit keeps the first attributes, as the SDKs do.
+        assert len(attrs) == 20
+        assert "extra.015" in attrs
+        assert "extra.016" not in attrs
+        assert [e["name"] for e in span["events"]] == [f"event {i} " + "x" * 92 for i in range(5)]
+        assert all(len(e["attributes"]) == 20 for e in span["events"])
+        assert all(v == "v" * 100 for e in span["events"] for v in e["attributes"].values())
+    finally:
+        await server.close()
+        store.close()
+
+
+_FUZZ_IDS = itertools.count(5000)
+# Any text (no lone surrogates: protobuf strings are UTF-8) after a run of
+# characters that puts it near the 4096-character limit, on either side.
+_AROUND_THE_LIMIT = st.builds(
+    lambda n, tail: "é" * n + tail,
+    st.integers(3900, 4200),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=300),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=_AROUND_THE_LIMIT, items=st.lists(_AROUND_THE_LIMIT, max_size=3))
+def test_fuzzed_attribute_values_are_stored_cut_to_4096_characters(
+    docker_like_viewer: Process, value: str, items: list[str]
+) -> None:
+    spans = synthetic_trace(next(_FUZZ_IDS), start_ns=time.time_ns())
+    message = proto_request(spans)
+    proto = message.resource_spans[0].scope_spans[0].spans[0]
+    array = AnyValue()
+    array.array_value.values.extend(AnyValue(string_value=item) for item in items)
+    proto.attributes.extend(
+        [
+            KeyValue(key="fuzz", value=AnyValue(string_value=value)),
+            KeyValue(key="list", value=array),
+        ]
+    )
+    url = docker_like_viewer.url
+    request = urllib.request.Request(
+        f"{url}/v1/traces",
+        data=message.SerializeToString(),
+        headers={"Content-Type": "application/x-protobuf"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+    with urllib.request.urlopen(f"{url}/api/traces/{spans[0].trace_id}", timeout=30) as response:
+        doc = json.load(response)
+    attrs = next(s for s in doc["spans"] if s["span_id"] == spans[0].span_id)["attributes"]
+    assert attrs["fuzz"] == value[:4096]
+    assert attrs["list"] == [item[:4096] for item in items]
+
+
+def test_default_limits_cut_at_4096_characters() -> None:
+    message = proto_request(synthetic_trace(41, start_ns=1))
+    proto = message.resource_spans[0].scope_spans[0].spans[0]
+    proto.attributes.append(KeyValue(key="long", value=AnyValue(string_value="z" * 10_000)))
+    decoded = otlp.to_records(message)
+    assert decoded.spans[0].attributes["long"] == "z" * 4096
+
+
+# -- the size cap -------------------------------------------------------------------------
+
+
+def test_size_cap_keeps_the_newest_spans_under_max_db_bytes(tmp_path: Path) -> None:
+    cap = 1024 * 1024
+    now = time.time_ns()
+    blob = "x" * 2000  # ~2 KB of JSON per span: 2 000 spans are ~4× the cap
+    with Store(tmp_path / "t.db", max_db_bytes=cap) as store:
+        for batch in range(40):
+            store.insert(
+                [
+                    record(
+                        batch * 50 + i,
+                        0,
+                        start_ns=now + (batch * 50 + i) * MS,
+                        attributes={"blob": blob},
+                    )
+                    for i in range(50)
+                ]
+            )
+            assert store.used_bytes() <= cap
+        kept = store.count()
+        assert 100 < kept < 2000
+        assert store.trace(f"{2000:032x}") != []  # the newest trace
+        assert store.trace(f"{1:032x}") == []  # the oldest
+        # What is kept is the newest stretch, without holes.
+        assert all(store.trace(f"{n:032x}") for n in range(2001 - kept, 2001, 97))
+    file_bytes = (tmp_path / "t.db").stat().st_size
+    assert file_bytes <= cap + 256 * 1024
+
+
+def test_cli_reads_the_new_settings() -> None:
+    config = serve_config(
+        {"max_attribute_chars": "64"},
+        {
+            "VIEWER_MAX_DB_BYTES": "1_048_576",
+            "VIEWER_MAX_ATTRIBUTE_CHARS": "9",
+            "VIEWER_MAX_SPAN_ATTRIBUTES": "10",
+            "VIEWER_MAX_SPAN_EVENTS": "3",
+            "VIEWER_ALLOWED_HOSTS": "viewer, viewer.local",
+        },
+    )
+    assert config.max_db_bytes == 1_048_576
+    assert config.limits == otlp.Limits(attribute_chars=64, attributes=10, events=3)
+    assert config.allowed_hosts == ("viewer", "viewer.local")
+    assert ServeConfig().max_db_bytes == 512 * 1024 * 1024
+    assert ServeConfig().limits.attribute_chars == 4096
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--max-db-bytes", "1000"], "--max-db-bytes"),
+        (["--max-attribute-chars", "0"], "--max-attribute-chars"),
+        (["--max-span-events", "x"], "--max-span-events"),
+        (["--allowed-hosts", "http://viewer"], "--allowed-hosts"),
+    ],
+)
+def test_cli_bad_new_values_are_one_line_and_exit_2(args: list[str], named: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert named in result.stderr
+
+
+# -- per-route latency from SQL equals the reference computation ------------------------
+
+
+def generated_traces(seed_no: int, traces: int, now_ns: int) -> list[list[SpanRecord]]:
+    """Traces in every shape the rules distinguish: routes with and without a
+    backend span, each verdict, figures missing or not numbers, SERVER spans
+    of other services, ties in values."""
+    rng = random.Random(seed_no)
+    routes = ["/api/a", "/api/b", "/api/c/<id>", "/x", None]
+    out = []
+    for n in range(traces):
+        spans = synthetic_trace(
+            1000 + n,
+            start_ns=now_ns - rng.randrange(1, 3600) * 1000 * MS,
+            route=rng.choice(routes),
+            uplink_ms=rng.choice([rng.uniform(0.1, 3000), 5.0, 10.0, 20.0]),
+            rtt_ms=round(rng.uniform(1, 500), rng.choice([0, 1, 3])),
+            gateway_ms=rng.choice([0.5, 1.0, rng.uniform(0, 10)]),
+            backend_ms=rng.uniform(0, 300),
+            status=rng.choice(["ok", "ok", "ok", "implausible", "unsynced"]),
+        )
+        if rng.random() < 0.05:
+            spans[1].attributes["latency.rtt_ms"] = "not a number"
+        if rng.random() < 0.05:
+            del spans[1].attributes["latency.status"]  # falls back to the service name
+        if rng.random() < 0.03:
+            spans = [s for s in spans if s.service != "gateway"]
+        out.append(spans)
+    return out
+
+
+def reference_stats(store: Store, since_ns: int | None = None) -> list[Any]:
+    return route_stats(store.server_spans(since_ns).values())
+
+
+def test_sql_route_stats_equal_the_in_memory_computation(tmp_path: Path) -> None:
+    now = time.time_ns()
+    traces = generated_traces(7, 1500, now)
+    rng = random.Random(8)
+    with Store(tmp_path / "t.db", max_spans=5000) as store:
+        # As the exporters send them: each service's spans in its own batches,
+        # in any order, some re-sent.
+        spans = [s for t in traces for s in t]
+        rng.shuffle(spans)
+        for i in range(0, len(spans), 300):
+            store.insert(spans[i : i + 300])
+        store.insert(spans[:500])
+        assert store.count() < len(spans)  # retention cut some traces in half
+        stats = store.route_stats()
+        assert len(stats) >= 5  # fallback names of traces cut in half too
+        assert stats == reference_stats(store)
+        # A window no trace straddles: the same traces for both definitions.
+        since_ns = now - 1800 * 1000 * MS - 500 * MS
+        assert store.route_stats(since_ns) == reference_stats(store, since_ns)
+        assert store.route_stats(now) == []
+        store.max_age_s = 1200
+        store.prune()
+        assert store.route_stats() == reference_stats(store)
+
+
+def test_a_version_1_store_is_upgraded_with_its_figures(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with Store(path) as store:
+        seed(store, time.time_ns())
+        expected = reference_stats(store)
+    with sqlite3.connect(path) as conn:  # what a version 1 file lacks
+        conn.execute("DROP TABLE trace_figures")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with Store(path) as store:
+        assert store.route_stats() == expected
+        assert len(expected) == 3

@@ -8,7 +8,7 @@ runs, and the caller owns (and closes) the store.
 
 Not for: decoding (``otlp.py``), SQL (``store.py``) or markup (``pages.py``).
 The event loop never touches SQLite or inflates a body: both go through
-``asyncio.to_thread`` (DESIGN §2).
+``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ import logging
 import re
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 from aiohttp import web
 
-from gateway.viewer import otlp, pages
-from gateway.viewer.report import RouteStats, route_stats
+from gateway.viewer import hosts, otlp, pages
+from gateway.viewer.report import RouteStats
 from gateway.viewer.spans import SpanRecord, gateway_span, latency_attributes, waterfall
 from gateway.viewer.store import Store, StoreError
 
 log = logging.getLogger("gateway.viewer")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _TRACE_ID: Final = re.compile(r"[0-9a-fA-F]{32}")
 #: The pages carry no script and only inline styles; span data is escaped,
@@ -42,9 +45,35 @@ MAX_TRACE_LIMIT: Final = 500
 
 
 class Viewer:
-    def __init__(self, store: Store, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        max_body_bytes: int,
+        limits: otlp.Limits,
+        allowed_hosts: frozenset[str],
+    ) -> None:
         self.store = store
         self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.allowed_hosts = allowed_hosts
+
+    @web.middleware
+    async def check_host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """DNS rebinding (``hosts.py``): a request whose Host does not name
+        the viewer is refused before any route runs, the receiver included.
+        421 Misdirected Request (RFC 9110 §15.5.20): this server will not
+        answer for that host name."""
+        host = request.headers.get("Host")
+        if hosts.is_allowed(host, self.allowed_hosts):
+            return await handler(request)
+        message = (
+            f"Host {host!r} is not a name of this viewer: open it as localhost or "
+            "127.0.0.1, or start it with --allowed-hosts NAME (VIEWER_ALLOWED_HOSTS) "
+            "to answer for that name"
+        )
+        if request.path.startswith(("/api/", "/v1/")):
+            return web.json_response({"error": message}, status=421)
+        return web.Response(status=421, text=message + "\n", headers={"Cache-Control": "no-store"})
 
     # -- OTLP/HTTP receiver ---------------------------------------------
 
@@ -74,7 +103,7 @@ class Viewer:
         try:
             body = await self._read_body(request)
             decoded = await asyncio.to_thread(
-                otlp.decode, body, encoding, content_encoding, self.max_body_bytes
+                otlp.decode, body, encoding, content_encoding, self.max_body_bytes, self.limits
             )
         except otlp.PayloadTooLarge as exc:
             return _status(413, encoding, otlp.RESOURCE_EXHAUSTED, str(exc))
@@ -174,11 +203,7 @@ class Viewer:
         if since_minutes is not None:
             since_ns = time.time_ns() - int(since_minutes * 60e9)
 
-        def compute() -> list[RouteStats]:
-            # Stats over up to max_spans spans are CPU work too: off the loop.
-            return route_stats(self.store.server_spans(since_ns).values())
-
-        return await asyncio.to_thread(compute)
+        return await asyncio.to_thread(self.store.route_stats, since_ns)
 
 
 def _status(
@@ -223,9 +248,20 @@ def _since_minutes(request: web.Request) -> float | None:
     return value
 
 
-def create_app(store: Store, *, max_body_bytes: int = otlp.MAX_BODY_BYTES) -> web.Application:
-    viewer = Viewer(store, max_body_bytes)
+def create_app(
+    store: Store,
+    *,
+    max_body_bytes: int = otlp.MAX_BODY_BYTES,
+    limits: otlp.Limits | None = None,
+    bind_host: str = "127.0.0.1",
+    allowed_hosts: Iterable[str] = (),
+) -> web.Application:
+    """``bind_host``: the address the server listens on, a name it answers
+    to; ``allowed_hosts``: more such names (``hosts.py``)."""
+    allowed = hosts.allowed_names(bind_host, allowed_hosts)
+    viewer = Viewer(store, max_body_bytes, limits or otlp.Limits(), allowed)
     app = web.Application(
+        middlewares=[viewer.check_host],
         # client_max_size caps request.read()/post(), which no route uses; set
         # it anyway so a future route cannot read an unbounded body by accident.
         client_max_size=max_body_bytes,

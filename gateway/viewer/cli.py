@@ -1,7 +1,7 @@
 """``python -m gateway.viewer``: serve the viewer, or print the latency report.
 
 What it is for: flags and environment (flag > ``VIEWER_*`` variable >
-default, a bad value is one line on stderr and exit code 2, DESIGN §2),
+default, a bad value is one line on stderr and exit code 2),
 opening the store, running the aiohttp server until SIGTERM/SIGINT, and the
 ``report`` subcommand that prints the per-route table from the database
 without a server.
@@ -20,15 +20,24 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from aiohttp import web
 
+from gateway.cli import _BadRequestLogFilter
+from gateway.viewer import otlp
 from gateway.viewer.app import create_app
-from gateway.viewer.report import format_table, route_stats
-from gateway.viewer.store import DEFAULT_MAX_AGE_S, DEFAULT_MAX_SPANS, Store, StoreError
+from gateway.viewer.report import format_table
+from gateway.viewer.store import (
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_MAX_DB_BYTES,
+    DEFAULT_MAX_SPANS,
+    MIN_DB_BYTES,
+    Store,
+    StoreError,
+)
 
 log = logging.getLogger("gateway.viewer")
 
@@ -46,6 +55,11 @@ ENV = {
     "db": "VIEWER_DB",
     "max_spans": "VIEWER_MAX_SPANS",
     "max_age_hours": "VIEWER_MAX_AGE_HOURS",
+    "max_db_bytes": "VIEWER_MAX_DB_BYTES",
+    "max_attribute_chars": "VIEWER_MAX_ATTRIBUTE_CHARS",
+    "max_span_attributes": "VIEWER_MAX_SPAN_ATTRIBUTES",
+    "max_span_events": "VIEWER_MAX_SPAN_EVENTS",
+    "allowed_hosts": "VIEWER_ALLOWED_HOSTS",
     "since_minutes": "VIEWER_SINCE_MINUTES",
 }
 
@@ -68,6 +82,9 @@ class ServeConfig:
     db: Path = DEFAULT_DB
     max_spans: int = DEFAULT_MAX_SPANS
     max_age_s: float = DEFAULT_MAX_AGE_S
+    max_db_bytes: int = DEFAULT_MAX_DB_BYTES
+    limits: otlp.Limits = field(default_factory=otlp.Limits)
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,28 @@ def _count(text: str, name: str) -> int:
     if value < 1:
         raise UsageError(f"{name} must be a whole number of at least 1, got {text!r}")
     return value
+
+
+def _db_bytes(text: str, name: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < MIN_DB_BYTES:
+        raise UsageError(
+            f"{name} must be a whole number of bytes, at least {MIN_DB_BYTES}, got {text!r}"
+        )
+    return value
+
+
+def _hosts(text: str, name: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for host in names:
+        if any(c in host for c in "/ @:") and not host.startswith("["):
+            raise UsageError(
+                f"{name} must be host names separated by commas (no port or scheme), got {host!r}"
+            )
+    return names
 
 
 def _positive(text: str, name: str) -> float:
@@ -136,6 +175,17 @@ def serve_config(args: Mapping[str, Any], env: Mapping[str, str]) -> ServeConfig
         db=Path(_pick(args, env, "db", _text, str(DEFAULT_DB))),
         max_spans=_pick(args, env, "max_spans", _count, DEFAULT_MAX_SPANS),
         max_age_s=max_age_hours * 3600,
+        max_db_bytes=_pick(args, env, "max_db_bytes", _db_bytes, DEFAULT_MAX_DB_BYTES),
+        limits=otlp.Limits(
+            attribute_chars=_pick(
+                args, env, "max_attribute_chars", _count, otlp.DEFAULT_ATTRIBUTE_CHARS
+            ),
+            attributes=_pick(
+                args, env, "max_span_attributes", _count, otlp.DEFAULT_ATTRIBUTES_PER_SPAN
+            ),
+            events=_pick(args, env, "max_span_events", _count, otlp.DEFAULT_EVENTS_PER_SPAN),
+        ),
+        allowed_hosts=_pick(args, env, "allowed_hosts", _hosts, ()),
     )
 
 
@@ -174,6 +224,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-age-hours",
         help=f"drop spans older than this [VIEWER_MAX_AGE_HOURS] "
         f"(default {DEFAULT_MAX_AGE_S / 3600:g})",
+    )
+    p.add_argument(
+        "--max-db-bytes",
+        help=f"keep the database's pages under this many bytes, oldest spans dropped first "
+        f"[VIEWER_MAX_DB_BYTES] (default {DEFAULT_MAX_DB_BYTES}, at least {MIN_DB_BYTES})",
+    )
+    p.add_argument(
+        "--max-attribute-chars",
+        help="cut each string attribute value (and each string in an array) to this many "
+        f"characters, as OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT does [VIEWER_MAX_ATTRIBUTE_CHARS] "
+        f"(default {otlp.DEFAULT_ATTRIBUTE_CHARS})",
+    )
+    p.add_argument(
+        "--max-span-attributes",
+        help="keep the first N attributes of a span or event [VIEWER_MAX_SPAN_ATTRIBUTES] "
+        f"(default {otlp.DEFAULT_ATTRIBUTES_PER_SPAN})",
+    )
+    p.add_argument(
+        "--max-span-events",
+        help="keep the first N events of a span [VIEWER_MAX_SPAN_EVENTS] "
+        f"(default {otlp.DEFAULT_EVENTS_PER_SPAN})",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        help="more names, comma-separated, that requests' Host header may carry (the --host "
+        "address, localhost and loopback addresses always may; anything else gets 421, "
+        "against DNS rebinding) [VIEWER_ALLOWED_HOSTS] (default none)",
     )
     return p
 
@@ -223,7 +300,7 @@ def run_report(argv: Sequence[str]) -> int:
             since_ns = None
             if config.since_minutes is not None:
                 since_ns = time.time_ns() - int(config.since_minutes * 60e9)
-            stats = route_stats(store.server_spans(since_ns).values())
+            stats = store.route_stats(since_ns)
     except (StoreError, sqlite3.Error) as exc:
         _fail(f"cannot read {config.db}: {exc}")
     window = (
@@ -251,14 +328,24 @@ def run_server(argv: Sequence[str]) -> int:
     )
     # aiohttp's access log is a line per export: noise for a local tool.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # A malformed request (a fuzzer, a port scanner) is answered 400 by
+    # aiohttp's parser, which logs a traceback for each: the gateway's filter
+    # turns them into one summary line a minute.
+    logging.getLogger("aiohttp.server").addFilter(_BadRequestLogFilter(60.0))
     try:
-        store = Store(config.db, max_spans=config.max_spans, max_age_s=config.max_age_s)
+        store = Store(
+            config.db,
+            max_spans=config.max_spans,
+            max_age_s=config.max_age_s,
+            max_db_bytes=config.max_db_bytes,
+        )
     except (StoreError, sqlite3.Error, OSError) as exc:
         _fail(f"cannot open --db {config.db}: {exc}")
     log.info(
-        "storing spans in %s (at most %d spans, %g hours)",
+        "storing spans in %s (at most %d spans, %d bytes, %g hours)",
         config.db.resolve(),
         config.max_spans,
+        config.max_db_bytes,
         config.max_age_s / 3600,
     )
     try:
@@ -275,7 +362,10 @@ class _BindError(Exception):
 
 
 async def _serve(config: ServeConfig, store: Store) -> None:
-    runner = web.AppRunner(create_app(store), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    app = create_app(
+        store, limits=config.limits, bind_host=config.host, allowed_hosts=config.allowed_hosts
+    )
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)

@@ -18,7 +18,7 @@ import base64
 import json
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -61,6 +61,33 @@ MAX_TIME_NS: Final = 2**63 - 1
 INVALID_ARGUMENT: Final = 3
 RESOURCE_EXHAUSTED: Final = 8
 UNAVAILABLE: Final = 14
+
+
+#: Defaults of the per-span bounds below (``--max-attribute-chars`` etc.).
+DEFAULT_ATTRIBUTE_CHARS: Final = 4096
+#: OTel SDK defaults: OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT and
+#: OTEL_SPAN_EVENT_COUNT_LIMIT are 128 (specification, "Span Limits").
+DEFAULT_ATTRIBUTES_PER_SPAN: Final = 128
+DEFAULT_EVENTS_PER_SPAN: Final = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one span may weigh once stored, as the OTel SDKs' attribute and
+    span limits bound it at the source (specification, "Attribute Limits"
+    and "Span Limits"): a sender that does not apply them, or a hostile
+    one, must not fill the store with one span.
+
+    ``attribute_chars``: OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT semantics, a
+    string value, and each string in an array value, is cut to this many
+    characters; other types are kept. The viewer applies it also to keys,
+    nested key-value lists, span, event and service names and status
+    messages. ``attributes`` / ``events``: the first ones are kept, later
+    ones dropped, as the SDKs do."""
+
+    attribute_chars: int = DEFAULT_ATTRIBUTE_CHARS
+    attributes: int = DEFAULT_ATTRIBUTES_PER_SPAN
+    events: int = DEFAULT_EVENTS_PER_SPAN
 
 
 class PayloadError(Exception):
@@ -173,20 +200,30 @@ class Decoded:
     error_message: str
 
 
-def decode(body: bytes, encoding: Encoding, content_encoding: str, limit: int) -> Decoded:
+def decode(
+    body: bytes,
+    encoding: Encoding,
+    content_encoding: str,
+    limit: int,
+    limits: Limits = Limits(),
+) -> Decoded:
     """The whole path from received bytes to span records; raises
     ``PayloadError`` / ``PayloadTooLarge`` before anything is stored."""
-    return to_records(parse_request(decompress(body, content_encoding, limit), encoding))
+    return to_records(parse_request(decompress(body, content_encoding, limit), encoding), limits)
 
 
-def to_records(message: ExportTraceServiceRequest) -> Decoded:
+def to_records(
+    message: ExportTraceServiceRequest,
+    limits: Limits = Limits(),
+) -> Decoded:
     records: list[SpanRecord] = []
     rejected = 0
+    chars = limits.attribute_chars
     for resource_spans in message.resource_spans:
         service = "unknown_service"  # the SDKs' own default (OTel resource semconv)
         for attr in resource_spans.resource.attributes:
             if attr.key == "service.name" and attr.value.string_value:
-                service = attr.value.string_value
+                service = attr.value.string_value[:chars]
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 if not _valid_ids(span.trace_id, span.span_id, span.parent_span_id):
@@ -198,20 +235,20 @@ def to_records(message: ExportTraceServiceRequest) -> Decoded:
                         span_id=span.span_id.hex(),
                         parent_span_id=span.parent_span_id.hex(),
                         service=service,
-                        name=span.name,
+                        name=span.name[:chars],
                         kind=int(span.kind),
                         start_ns=min(span.start_time_unix_nano, MAX_TIME_NS),
                         end_ns=min(span.end_time_unix_nano, MAX_TIME_NS),
                         status_code=int(span.status.code),
-                        status_message=span.status.message,
-                        attributes=attributes(span.attributes),
+                        status_message=span.status.message[:chars],
+                        attributes=attributes(span.attributes, limits),
                         events=[
                             {
-                                "name": event.name,
+                                "name": event.name[:chars],
                                 "time_ns": event.time_unix_nano,
-                                "attributes": attributes(event.attributes),
+                                "attributes": attributes(event.attributes, limits),
                             }
-                            for event in span.events
+                            for event in span.events[: limits.events]
                         ],
                     )
                 )
@@ -235,14 +272,20 @@ def _valid_ids(trace_id: bytes, span_id: bytes, parent_span_id: bytes) -> bool:
     )
 
 
-def attributes(pairs: Iterable[KeyValue]) -> dict[str, Any]:
-    return {pair.key: any_value(pair.value) for pair in pairs}
+def attributes(
+    pairs: Sequence[KeyValue],
+    limits: Limits = Limits(),
+) -> dict[str, Any]:
+    chars = limits.attribute_chars
+    # OTel keeps the first attributes up to the count limit; a repeated key
+    # keeps its last value, as a dict does.
+    return {pair.key[:chars]: any_value(pair.value, chars) for pair in pairs[: limits.attributes]}
 
 
-def any_value(value: AnyValue) -> Any:
+def any_value(value: AnyValue, chars: int = DEFAULT_ATTRIBUTE_CHARS) -> Any:
     kind = value.WhichOneof("value")
     if kind == "string_value":
-        return value.string_value
+        return value.string_value[:chars]
     if kind == "bool_value":
         return value.bool_value
     if kind == "int_value":
@@ -252,11 +295,12 @@ def any_value(value: AnyValue) -> Any:
         # NaN and ±Infinity are not JSON: keep them as the text OTLP/JSON uses.
         return number if math.isfinite(number) else str(number)
     if kind == "array_value":
-        return [any_value(item) for item in value.array_value.values]
+        return [any_value(item, chars) for item in value.array_value.values]
     if kind == "kvlist_value":
-        return attributes(value.kvlist_value.values)
+        pairs = value.kvlist_value.values
+        return {pair.key[:chars]: any_value(pair.value, chars) for pair in pairs}
     if kind == "bytes_value":
-        return base64.b64encode(value.bytes_value).decode("ascii")
+        return base64.b64encode(value.bytes_value).decode("ascii")[:chars]
     return None
 
 

@@ -139,7 +139,7 @@ def index_page(traces: Sequence[TraceSummary], endpoint: str) -> str:
     )
     body = (
         f"<h1>Recent traces</h1><p class=muted>The newest {len(traces)}, newest first. "
-        "Verdict and uplink (ms) are the gateway's (DESIGN §6).</p>"
+        "Verdict and uplink (ms) are the gateway's latency.status and latency.uplink_ms.</p>"
         '<table class="traces"><thead><tr><th>Start (UTC)</th><th>Trace</th><th>Root span</th>'
         '<th>Services</th><th class="num">Spans</th><th class="num">Duration</th>'
         '<th>Verdict</th><th class="num">Uplink ms</th></tr></thead>'

@@ -1,13 +1,14 @@
 """Per-route latency statistics and their text table (``python -m
 gateway.viewer report``).
 
-What it is for: from the SERVER spans of each trace, the route (DESIGN §2)
-and the figures users compare across routes: the clock-free round trip
+What it is for: from the SERVER spans of each trace, the route (the
+backend span's ``http.route``, else the gateway span's name) and the
+figures users compare across routes: the clock-free round trip
 ``latency.rtt_ms``, the uplink ``latency.uplink_ms`` (only where the
 gateway's verdict was ``ok``: other verdicts are claims it did not accept),
 the gateway's own time ``latency.gateway_ms`` and the backend SERVER span's
 duration; nearest-rank percentiles and an uplink histogram. Pure: spans in,
-dataclasses and text out.
+dataclasses and text out (the store computes the same from SQL, ``rollup.py``).
 
 Not for: reading the database (``store.py``) or HTML (``pages.py``).
 """
@@ -113,50 +114,73 @@ class RouteStats:
         }
 
 
-@dataclass
-class _Samples:
-    count: int = 0
+@dataclass(frozen=True, slots=True)
+class TraceFigures:
+    """What one trace adds to its route's row: the route and each figure it
+    has (None where it has none). The store keeps one of these per trace,
+    refreshed whenever the trace's SERVER spans change."""
 
-    def __post_init__(self) -> None:
-        self.values: dict[str, list[float]] = {name: [] for name in METRICS}
+    route: str
+    rtt_ms: float | None
+    uplink_ms: float | None
+    gateway_ms: float | None
+    backend_ms: float | None
 
-    def add(self, name: str, value: float | None) -> None:
-        if value is not None:
-            self.values[name].append(value)
+    def metric(self, name: str) -> float | None:
+        return {
+            "rtt": self.rtt_ms,
+            "uplink": self.uplink_ms,
+            "gateway": self.gateway_ms,
+            "backend": self.backend_ms,
+        }[name]
+
+
+def trace_figures(spans: Sequence[SpanRecord]) -> TraceFigures | None:
+    """The figures of one trace from its SERVER spans (other spans are
+    ignored); None when it has no route (no gateway or backend span)."""
+    name = route(spans)
+    if name is None:
+        return None
+    rtt = gateway_ms = uplink = backend_ms = None
+    gateway = gateway_span(spans)
+    if gateway is not None:
+        attrs = gateway.attributes
+        rtt = number(attrs.get("latency.rtt_ms"))
+        gateway_ms = number(attrs.get("latency.gateway_ms"))
+        if attrs.get("latency.status") == "ok":
+            uplink = number(attrs.get("latency.uplink_ms"))
+    backend = backend_span(spans)
+    if backend is not None:
+        backend_ms = round(backend.duration_ns / 1e6, 3)
+    return TraceFigures(name, rtt, uplink, gateway_ms, backend_ms)
 
 
 def route_stats(traces: Iterable[Sequence[SpanRecord]]) -> list[RouteStats]:
     """One row per route, the busiest first. ``traces``: the SERVER spans of
-    each trace (other spans are ignored)."""
-    by_route: dict[str, _Samples] = {}
+    each trace (other spans are ignored). The reference computation, in
+    memory; the viewer reads the same rows from SQL (``rollup.py``)."""
+    by_route: dict[str, list[TraceFigures]] = {}
     for spans in traces:
-        name = route(spans)
-        if name is None:
-            continue
-        samples = by_route.setdefault(name, _Samples())
-        samples.count += 1
-        gateway = gateway_span(spans)
-        if gateway is not None:
-            attrs = gateway.attributes
-            samples.add("rtt", number(attrs.get("latency.rtt_ms")))
-            samples.add("gateway", number(attrs.get("latency.gateway_ms")))
-            if attrs.get("latency.status") == "ok":
-                samples.add("uplink", number(attrs.get("latency.uplink_ms")))
-        backend = backend_span(spans)
-        if backend is not None:
-            samples.add("backend", round(backend.duration_ns / 1e6, 3))
-    rows = [
-        RouteStats(
-            route=name,
-            count=s.count,
-            rtt_ms=Summary.of(s.values["rtt"]),
-            uplink_ms=Summary.of(s.values["uplink"]),
-            gateway_ms=Summary.of(s.values["gateway"]),
-            backend_ms=Summary.of(s.values["backend"]),
-            uplink_histogram=tuple(histogram(s.values["uplink"])),
+        figures = trace_figures(spans)
+        if figures is not None:
+            by_route.setdefault(figures.route, []).append(figures)
+    rows = []
+    for name, members in by_route.items():
+        values = {
+            metric: [v for f in members if (v := f.metric(metric)) is not None]
+            for metric in METRICS
+        }
+        rows.append(
+            RouteStats(
+                route=name,
+                count=len(members),
+                rtt_ms=Summary.of(values["rtt"]),
+                uplink_ms=Summary.of(values["uplink"]),
+                gateway_ms=Summary.of(values["gateway"]),
+                backend_ms=Summary.of(values["backend"]),
+                uplink_histogram=tuple(histogram(values["uplink"])),
+            )
         )
-        for name, s in by_route.items()
-    ]
     return sorted(rows, key=lambda r: (-r.count, r.route))
 
 

@@ -95,7 +95,7 @@ def _by_start(spans: Iterable[SpanRecord]) -> list[SpanRecord]:
 
 def gateway_span(spans: Iterable[SpanRecord]) -> SpanRecord | None:
     """The gateway's SERVER span: the one carrying ``latency.status`` (every
-    gateway SERVER span does, DESIGN §6), else a SERVER span of the
+    gateway SERVER span does, README "How the latency is measured"), else a SERVER span of the
     ``gateway`` service (its name can be changed with OTEL_SERVICE_NAME,
     the latency attributes cannot)."""
     servers = _by_start(s for s in spans if s.kind == KIND_SERVER)
@@ -123,8 +123,9 @@ def backend_span(spans: Iterable[SpanRecord]) -> SpanRecord | None:
 
 
 def route(spans: Iterable[SpanRecord]) -> str | None:
-    """DESIGN §2: the backend span's ``http.route``, else the gateway span's
-    name (``{method} {route}`` or just ``{method}``)."""
+    """The route (README "No key? The local viewer"): the backend span's
+    ``http.route``, else the gateway span's name (``{method} {route}`` or
+    just ``{method}``)."""
     spans = list(spans)
     backend = backend_span(spans)
     if backend is not None:

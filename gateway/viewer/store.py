@@ -6,15 +6,21 @@ processes pointed at the same file): WAL mode so readers never block the
 writer, a connection per thread, short ``BEGIN IMMEDIATE`` transactions and
 a bounded retry when another writer holds the lock.
 
+Retention keeps the newest spans of the last ``max_age_s`` seconds, at most
+``max_spans`` of them and at most ``max_db_bytes`` of database pages, and
+runs in every insert's transaction: the store is within its caps at every
+commit. Per-route latency reads ``rollup.py``'s per-trace rows, kept in the
+same transactions.
+
 Not for: the event loop. Every method blocks (disk, locks, retries); async
 callers run them with ``asyncio.to_thread``. Not a general trace database
-either: retention keeps the newest ``max_spans`` spans of the last
-``max_age_s`` seconds, nothing more.
+either.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import sqlite3
 import threading
@@ -23,13 +29,19 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from gateway.viewer import rollup
+from gateway.viewer.report import RouteStats
 from gateway.viewer.spans import KIND_SERVER, SpanRecord, TraceSummary, summarize
 
 T = TypeVar("T")
 
 DEFAULT_MAX_SPANS: Final = 200_000
 DEFAULT_MAX_AGE_S: Final = 24 * 3600.0
-SCHEMA_VERSION: Final = 1
+DEFAULT_MAX_DB_BYTES: Final = 512 * 1024 * 1024
+#: Below this a store cannot hold its own schema and a batch.
+MIN_DB_BYTES: Final = 256 * 1024
+#: 2: adds rollup.py's trace_figures (a version 1 file is upgraded on open).
+SCHEMA_VERSION: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS spans (
@@ -85,6 +97,7 @@ class Store:
         *,
         max_spans: int = DEFAULT_MAX_SPANS,
         max_age_s: float = DEFAULT_MAX_AGE_S,
+        max_db_bytes: int = DEFAULT_MAX_DB_BYTES,
         busy_timeout_s: float = 5.0,
         retry_for_s: float = 30.0,
         clock_ns: Callable[[], int] = time.time_ns,
@@ -93,9 +106,12 @@ class Store:
             raise ValueError("max_spans must be at least 1")
         if max_age_s <= 0:
             raise ValueError("max_age_s must be positive")
+        if max_db_bytes < MIN_DB_BYTES:
+            raise ValueError(f"max_db_bytes must be at least {MIN_DB_BYTES}")
         self.path = Path(path)
         self.max_spans = max_spans
         self.max_age_s = max_age_s
+        self.max_db_bytes = max_db_bytes
         self._busy_timeout_s = busy_timeout_s
         self._retry_for_s = retry_for_s
         self._clock_ns = clock_ns
@@ -201,14 +217,16 @@ class Store:
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise StoreError(
                 f"{self.path} has span store schema version {version}, this viewer "
                 f"understands {SCHEMA_VERSION}: use another --db file"
             )
         # Not executescript(): it COMMITs first, outside our transaction.
-        for statement in _split(_SCHEMA):
+        for statement in _split(_SCHEMA) + _split(rollup.SCHEMA):
             conn.execute(statement)
+        if version == 1:
+            rollup.rebuild(conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- writing ----------------------------------------------------------
@@ -234,12 +252,16 @@ class Store:
             for s in spans
         ]
 
+        # Only SERVER spans change a trace's per-route figures.
+        touched = {s.trace_id for s in spans if s.kind == KIND_SERVER}
+
         def write(conn: sqlite3.Connection) -> int:
             cursor = conn.executemany(
                 f"INSERT OR IGNORE INTO spans ({_COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608
                 rows,
             )
             inserted = max(cursor.rowcount, 0)
+            rollup.refresh(conn, touched)
             self._prune(conn)
             return inserted
 
@@ -250,20 +272,55 @@ class Store:
         return self._write(self._prune)
 
     def _prune(self, conn: sqlite3.Connection) -> int:
-        # Both checks are index lookups (start_ns index, the counter row), so
-        # they run on every insert: the store never exceeds max_spans at a
-        # commit, whatever the batch sizes.
-        cutoff_ns = self._clock_ns() - int(self.max_age_s * 1e9)
-        deleted = conn.execute("DELETE FROM spans WHERE start_ns < ?", (cutoff_ns,)).rowcount
-        (count,) = conn.execute("SELECT n FROM span_count WHERE id = 0").fetchone()
-        if count > self.max_spans:
-            excess = count - self._prune_to
-            deleted += conn.execute(
+        # Every check is an index lookup (start_ns index, the counter row,
+        # two header fields), so they run on every insert: the store never
+        # exceeds its caps at a commit, whatever the batch sizes.
+        touched: set[str] = set()
+
+        def delete(sql: str, params: tuple[int, ...]) -> int:
+            # RETURNING: the traces whose SERVER spans go, to refresh their figures.
+            rows = conn.execute(sql + " RETURNING trace_id, kind", params).fetchall()
+            touched.update(trace_id for trace_id, kind in rows if kind == KIND_SERVER)
+            return len(rows)
+
+        def delete_oldest(n: int) -> int:
+            return delete(
                 "DELETE FROM spans WHERE rowid IN "
                 "(SELECT rowid FROM spans ORDER BY start_ns, rowid LIMIT ?)",
-                (excess,),
-            ).rowcount
-        return int(deleted)
+                (n,),
+            )
+
+        cutoff_ns = self._clock_ns() - int(self.max_age_s * 1e9)
+        deleted = delete("DELETE FROM spans WHERE start_ns < ?", (cutoff_ns,))
+        count = _span_count(conn)
+        if count > self.max_spans:
+            deleted += delete_oldest(count - self._prune_to)
+        # The size cap. Rows differ in size, and deleting rows frees whole
+        # pages only where the rows were neighbours (the table and the
+        # start_ns index, not the trace_id index): delete a share of the
+        # spans proportional to the excess plus 5 %, measure again, a
+        # bounded number of times.
+        for _ in range(_SIZE_PRUNE_ROUNDS):
+            used = _used_bytes(conn)
+            count = _span_count(conn)
+            if used <= self.max_db_bytes or count == 0:
+                break
+            share = (used - self.max_db_bytes) / used + 0.05
+            deleted += delete_oldest(max(1, math.ceil(count * min(share, 1.0))))
+        if touched:
+            rollup.refresh(conn, touched)
+        return deleted
+
+    def used_bytes(self) -> int:
+        """Bytes of database pages in use (not the free list): what
+        ``max_db_bytes`` caps. The file keeps its high-water size; freed
+        pages are reused by later inserts."""
+        return self._read(_used_bytes)
+
+    def route_stats(self, since_ns: int | None = None) -> list[RouteStats]:
+        """Per-route latency (``rollup.py``) of the traces whose first SERVER
+        span started at or after ``since_ns``."""
+        return self._read(lambda conn: rollup.route_stats(conn, since_ns))
 
     # -- reading ----------------------------------------------------------
 
@@ -306,9 +363,10 @@ class Store:
         return self._read(read) if limit > 0 else []
 
     def server_spans(self, since_ns: int | None = None) -> dict[str, list[SpanRecord]]:
-        """SERVER spans by trace id (what per-route latency needs: the
-        gateway's and the backend's), for spans starting at or after
-        ``since_ns``."""
+        """SERVER spans by trace id (the gateway's and the backend's), for
+        spans starting at or after ``since_ns``. Loads every match into
+        memory: the reference input of ``report.route_stats`` for tests and
+        small stores; the pages use ``route_stats`` instead."""
         return self._read(
             lambda conn: _by_trace(
                 _record(row)
@@ -318,6 +376,22 @@ class Store:
                 )
             )
         )
+
+
+#: How many times one prune measures the size and deletes again.
+_SIZE_PRUNE_ROUNDS: Final = 4
+
+
+def _span_count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT n FROM span_count WHERE id = 0").fetchone()[0])
+
+
+def _used_bytes(conn: sqlite3.Connection) -> int:
+    # Both are read from the database header: no scan.
+    (page_count,) = conn.execute("PRAGMA page_count").fetchone()
+    (free_pages,) = conn.execute("PRAGMA freelist_count").fetchone()
+    (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+    return int((page_count - free_pages) * page_size)
 
 
 def _split(script: str) -> list[str]:
