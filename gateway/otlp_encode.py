@@ -5,11 +5,12 @@ What it is for: the body of an OTLP/HTTP trace export (an
 ``trace.proto``), written straight from the SDK's ``ReadableSpan`` objects.
 The official encoder (opentelemetry-exporter-otlp-proto-common 1.45.1,
 ``encode_spans``) builds a tree of protobuf message objects first and costs
-~45 µs per gateway span; it runs on the export thread holding the GIL, so the
-event loop waits for it. Here each field is written as wire-format bytes
-(protobuf encoding guide: varints, fixed64/fixed32 little endian,
-length-delimited records), resource and scope bytes are built once per
-object, attribute keys are encoded once per key.
+35-45 µs of CPU per gateway span (~8 µs here, benchmarks/encoder_bench.py);
+it runs on the export thread holding the GIL, so the event loop waits. Here
+each field is written as wire-format bytes (protobuf encoding guide: varints,
+fixed64/fixed32 little endian, length-delimited records; the pieces and the
+attribute records are in ``gateway/otlp_wire.py``), resource and scope bytes
+are built once per object.
 
 The output parses to the same message as the official encoder's, field for
 field (tests/test_otlp_encode.py proves it with hypothesis): same grouping by
@@ -27,45 +28,27 @@ Not for: sending (``gateway/otlp_exporter.py``), metrics or logs, decoding.
 
 from __future__ import annotations
 
-import logging
-import operator
-import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, StatusCode
 
-log = logging.getLogger(__name__)
-
-_pack_fixed64: Final[Callable[[int], bytes]] = struct.Struct("<Q").pack
-_pack_double: Final[Callable[[float], bytes]] = struct.Struct("<d").pack
-
-_UINT32_LIMIT: Final = 1 << 32
-_UINT64_LIMIT: Final = 1 << 64
-_INT64_MIN: Final = -(1 << 63)
-_INT64_LIMIT: Final = 1 << 63
-_UINT64_MASK: Final = (1 << 64) - 1
-
-_ONE_BYTE: Final = tuple(bytes((n,)) for n in range(0x80))
-
-
-def _varint(n: int) -> bytes:
-    """Base-128 varint of a non-negative int (protobuf encoding guide, "Base 128 Varints")."""
-    if n < 0x80:
-        return _ONE_BYTE[n]
-    if n < 0x4000:
-        return bytes(((n & 0x7F) | 0x80, n >> 7))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
+from gateway.otlp_wire import (
+    RECORD_VALUE_MAX,
+    RECORDS_MAX,
+    UINT64_LIMIT,
+    append_attributes,
+    fixed64_field,
+    id_bytes,
+    pack_fixed64,
+    string_field,
+    uint_field,
+    varint,
+)
 
 # Field tags, (field number << 3) | wire type, from opentelemetry-proto
 # trace.proto and common.proto (wire types: 0 varint, 1 fixed64, 2
@@ -108,17 +91,7 @@ _LINK_DROPPED_ATTRIBUTES: Final = b"\x28"  # Span.Link.dropped_attributes_count 
 _LINK_FLAGS: Final = b"\x35"  # Span.Link.flags = 6, fixed32
 _STATUS_MESSAGE: Final = b"\x12"  # Status.message = 2
 _STATUS_CODE: Final = b"\x18"  # Status.code = 3
-_KEY_VALUE_KEY: Final = b"\x0a"  # KeyValue.key = 1
-_KEY_VALUE_VALUE: Final = b"\x12"  # KeyValue.value = 2
-_ANY_STRING: Final = b"\x0a"  # AnyValue.string_value = 1
-_ANY_BOOL_TRUE: Final = b"\x10\x01"  # AnyValue.bool_value = 2
-_ANY_BOOL_FALSE: Final = b"\x10\x00"
-_ANY_INT: Final = b"\x18"  # AnyValue.int_value = 3
-_ANY_DOUBLE: Final = b"\x21"  # AnyValue.double_value = 4, fixed64
-_ANY_ARRAY: Final = b"\x2a"  # AnyValue.array_value = 5
-_ANY_KVLIST: Final = b"\x32"  # AnyValue.kvlist_value = 6
-_ANY_BYTES: Final = b"\x3a"  # AnyValue.bytes_value = 7
-_LIST_VALUES: Final = b"\x0a"  # ArrayValue.values = 1, KeyValueList.values = 1
+
 
 #: Span.kind (trace.proto SpanKind: INTERNAL 1, SERVER 2, CLIENT 3, PRODUCER 4,
 #: CONSUMER 5), tag 6 included.
@@ -137,10 +110,8 @@ _KIND: Final[dict[SpanKind, bytes]] = {
 _FLAGS_LOCAL: Final = (0x100).to_bytes(4, "little")
 _FLAGS_REMOTE: Final = (0x300).to_bytes(4, "little")
 
-#: Attribute key → encoded ``KeyValue.key`` field. Keys come from code, not
-#: from requests, but the cache is bounded all the same.
-_KEY_CACHE: dict[str, bytes] = {}
-_KEY_CACHE_MAX: Final = 2048
+#: Span name → encoded Span.name field ("GET", "POST", "HTTP"...).
+_NAME_FIELDS: dict[str, bytes] = {}
 
 #: Resource / InstrumentationScope object → its encoded message. Keyed by
 #: identity, never by equality: equal resources can encode differently
@@ -149,215 +120,8 @@ _KEY_CACHE_MAX: Final = 2048
 _OBJECT_CACHE: dict[int, tuple[object, bytes]] = {}
 _OBJECT_CACHE_MAX: Final = 256
 
-#: (tag, key, type, value) → the whole encoded attribute record, for short
-#: str, int and bool values; (tag, key) → a double attribute's record minus
-#: its value. The type is part of the key because ``1 == True``.
-_RECORDS: dict[tuple[bytes, str, type, Any], bytes] = {}
-_DOUBLE_PREFIXES: dict[tuple[bytes, str], bytes] = {}
-#: Span name → encoded Span.name field ("GET", "POST", "HTTP"...).
-_NAME_FIELDS: dict[str, bytes] = {}
-_RECORDS_MAX: Final = 4096
-_RECORD_VALUE_MAX: Final = 64
-
 #: Resource object → its hash (a Resource is immutable; same holding rule).
 _HASHES: dict[int, tuple[object, int]] = {}
-
-#: Attribute keys already warned about, so a bad attribute on every span
-#: writes one line, not one per span.
-_WARNED_KEYS: set[object] = set()
-_WARNED_KEYS_MAX: Final = 256
-
-
-def _uint(value: Any, limit: int) -> int:
-    """``value`` as protobuf's uint32/fixed32/fixed64 setters accept it."""
-    if type(value) is int and 0 <= value < limit:
-        return value
-    if isinstance(value, bool):
-        raise TypeError(f"expected an int, got a boolean: {value!r}")
-    number = operator.index(value)  # TypeError for floats, str, None
-    if not 0 <= number < limit:
-        raise ValueError(f"Value out of range: {number}")
-    return number
-
-
-def _text(value: Any) -> bytes:
-    """UTF-8 of a protobuf string field's value, refused as protobuf refuses it."""
-    if isinstance(value, str):
-        return value.encode()  # UnicodeEncodeError for lone surrogates, as protobuf
-    if isinstance(value, bytes):
-        value.decode()  # protobuf takes bytes for a string field only if UTF-8
-        return bytes(value)
-    raise TypeError(f"expected str, got {type(value).__name__}")
-
-
-def _string_field(tag: bytes, value: Any) -> bytes:
-    """A proto3 string field; None and "" are left out, as protobuf does."""
-    if value is None:
-        return b""
-    data = _text(value)
-    if not data:
-        return b""
-    return tag + _varint(len(data)) + data
-
-
-def _uint_field(tag: bytes, value: Any, limit: int = _UINT32_LIMIT) -> bytes:
-    number = _uint(value, limit)
-    return tag + _varint(number) if number else b""
-
-
-def _fixed64_field(tag: bytes, value: Any) -> bytes:
-    if value is None:
-        return b""
-    number = _uint(value, _UINT64_LIMIT)
-    return tag + _pack_fixed64(number) if number else b""
-
-
-def _id(value: int, length: int) -> bytes:
-    # The official encoder's int.to_bytes: OverflowError for a negative or
-    # too large id, AttributeError/TypeError for a non-int.
-    return value.to_bytes(length=length, byteorder="big", signed=False)
-
-
-def _any_value(value: Any) -> bytes:
-    """The fields of an ``AnyValue`` (common.proto), type tests in the order
-    the official ``_encode_value`` makes them."""
-    kind = type(value)
-    if kind is str:
-        data: bytes = value.encode()
-        return _ANY_STRING + _varint(len(data)) + data
-    if kind is bool:
-        return _ANY_BOOL_TRUE if value else _ANY_BOOL_FALSE
-    if kind is int:
-        if not _INT64_MIN <= value < _INT64_LIMIT:
-            raise ValueError(f"Value out of range: {value}")
-        return _ANY_INT + _varint(value & _UINT64_MASK)
-    if kind is float:
-        return _ANY_DOUBLE + _pack_double(value)
-    if value is None:
-        return b""
-    if isinstance(value, bool):
-        return _ANY_BOOL_TRUE if value else _ANY_BOOL_FALSE
-    if isinstance(value, str):
-        data = _text(value)
-        return _ANY_STRING + _varint(len(data)) + data
-    if isinstance(value, int):
-        number = int(value)
-        if not _INT64_MIN <= number < _INT64_LIMIT:
-            raise ValueError(f"Value out of range: {number}")
-        return _ANY_INT + _varint(number & _UINT64_MASK)
-    if isinstance(value, float):
-        return _ANY_DOUBLE + _pack_double(value)
-    if isinstance(value, bytes):
-        return _ANY_BYTES + _varint(len(value)) + bytes(value)
-    if isinstance(value, Sequence):
-        body = b"".join(_list_item(_any_value(item)) for item in value)
-        return _ANY_ARRAY + _varint(len(body)) + body
-    if isinstance(value, Mapping):
-        body = b"".join(
-            _list_item(_key_value(_key_field(str(k)), _any_value(v))) for k, v in value.items()
-        )
-        return _ANY_KVLIST + _varint(len(body)) + body
-    raise TypeError(f"Invalid type {kind} of value {value!r}")
-
-
-def _list_item(message: bytes) -> bytes:
-    return _LIST_VALUES + _varint(len(message)) + message
-
-
-def _key_field(key: Any) -> bytes:
-    encoded = _KEY_CACHE.get(key) if type(key) is str else None
-    if encoded is not None:
-        return encoded
-    encoded = _string_field(_KEY_VALUE_KEY, key)
-    if type(key) is str:
-        if len(_KEY_CACHE) >= _KEY_CACHE_MAX:
-            _KEY_CACHE.clear()
-        _KEY_CACHE[key] = encoded
-    return encoded
-
-
-def _key_value(key_field: bytes, any_value: bytes) -> bytes:
-    # KeyValue.value is always present, even when the AnyValue is empty (None).
-    return key_field + _KEY_VALUE_VALUE + _varint(len(any_value)) + any_value
-
-
-def _attributes(tag: bytes, attributes: Mapping[Any, Any] | None, out: list[bytes]) -> None:
-    """Append one ``tag`` KeyValue record per attribute to ``out``.
-
-    As the official ``_encode_attributes``: an attribute that cannot be
-    encoded is left out and logged, the rest of the span goes on."""
-    if not attributes:
-        return
-    for key, value in attributes.items():
-        kind = type(value)
-        if type(key) is str:
-            # Fast paths for what the gateway's spans hold: a float is a
-            # per-key prefix plus 8 bytes; a short str, an int or a bool
-            # (method, status, port...) repeats from span to span.
-            if kind is float:
-                prefix = _DOUBLE_PREFIXES.get((tag, key)) or _double_prefix(tag, key)
-                if prefix:
-                    out += (prefix, _pack_double(value))
-                    continue
-            if kind is int or kind is bool or (kind is str and len(value) <= _RECORD_VALUE_MAX):
-                cache_key = (tag, key, kind, value)
-                record = _RECORDS.get(cache_key)
-                if record is None:
-                    record = _record(tag, key, value)
-                    if record is None:
-                        continue
-                    if len(_RECORDS) >= _RECORDS_MAX:
-                        _RECORDS.clear()
-                    _RECORDS[cache_key] = record
-                out.append(record)
-                continue
-        record = _record(tag, key, value)
-        if record is not None:
-            out.append(record)
-
-
-def _record(tag: bytes, key: Any, value: Any) -> bytes | None:
-    """``tag`` + length + KeyValue, or None (logged) when it cannot be encoded."""
-    try:
-        key_value = _key_value(_key_field(key), _any_value(value))
-    except Exception as error:  # the official encoder's rule: drop the key alone
-        _warn_dropped(key, value, error)
-        return None
-    return tag + _varint(len(key_value)) + key_value
-
-
-def _double_prefix(tag: bytes, key: str) -> bytes:
-    """Everything of a double attribute's record before its 8 value bytes;
-    b"" for a key that cannot be encoded (the slow path logs it)."""
-    try:
-        key_field = _key_field(key)
-    except UnicodeEncodeError:  # a lone surrogate
-        return b""
-    # KeyValue: key, then value = AnyValue of 9 bytes (tag 0x21 + fixed64).
-    key_value_size = len(key_field) + 2 + 9
-    prefix = tag + _varint(key_value_size) + key_field + _KEY_VALUE_VALUE + b"\x09" + _ANY_DOUBLE
-    if len(_DOUBLE_PREFIXES) >= _RECORDS_MAX:
-        _DOUBLE_PREFIXES.clear()
-    _DOUBLE_PREFIXES[(tag, key)] = prefix
-    return prefix
-
-
-def _warn_dropped(key: object, value: object, error: Exception) -> None:
-    try:
-        hash(key)
-    except TypeError:
-        key = repr(key)
-    if key in _WARNED_KEYS:
-        return
-    if len(_WARNED_KEYS) >= _WARNED_KEYS_MAX:
-        _WARNED_KEYS.clear()
-    _WARNED_KEYS.add(key)
-    log.warning(
-        "span attribute %.100r left out of the export: cannot encode a %s value (%.200s)",
-        key,
-        type(value).__name__,
-        error,
-    )
 
 
 def _cached(obj: object, encode: Callable[[], bytes]) -> bytes:
@@ -374,7 +138,7 @@ def _cached(obj: object, encode: Callable[[], bytes]) -> bytes:
 def _resource_message(resource: Resource) -> bytes:
     def encode() -> bytes:
         out: list[bytes] = []
-        _attributes(_RESOURCE_ATTRIBUTES, resource.attributes, out)
+        append_attributes(_RESOURCE_ATTRIBUTES, resource.attributes, out)
         return b"".join(out)
 
     return _cached(resource, encode)
@@ -385,8 +149,8 @@ def _scope_message(scope: InstrumentationScope | None) -> bytes:
         return b""
 
     def encode() -> bytes:
-        out = [_string_field(_SCOPE_NAME, scope.name), _string_field(_SCOPE_VERSION, scope.version)]
-        _attributes(_SCOPE_ATTRIBUTES, scope.attributes, out)
+        out = [string_field(_SCOPE_NAME, scope.name), string_field(_SCOPE_VERSION, scope.version)]
+        append_attributes(_SCOPE_ATTRIBUTES, scope.attributes, out)
         return b"".join(out)
 
     return _cached(scope, encode)
@@ -400,62 +164,67 @@ def encode_span(span: ReadableSpan) -> bytes:
     whether that drops the span or the batch."""
     context = span.get_span_context()
     assert context is not None  # a ReadableSpan always has one; mypy cannot know
-    out = [_SPAN_TRACE_ID, _id(context.trace_id, 16), _SPAN_SPAN_ID, _id(context.span_id, 8)]
+    out = [
+        _SPAN_TRACE_ID,
+        id_bytes(context.trace_id, 16),
+        _SPAN_SPAN_ID,
+        id_bytes(context.span_id, 8),
+    ]
     trace_state = context.trace_state
     if trace_state:  # None or empty: no field
         out.append(
-            _string_field(_SPAN_TRACE_STATE, ",".join([f"{k}={v}" for k, v in trace_state.items()]))
+            string_field(_SPAN_TRACE_STATE, ",".join([f"{k}={v}" for k, v in trace_state.items()]))
         )
     parent = span.parent
     if parent:
-        out += (_SPAN_PARENT_SPAN_ID, _id(parent.span_id, 8))
+        out += (_SPAN_PARENT_SPAN_ID, id_bytes(parent.span_id, 8))
     name = span.name
     name_field = _NAME_FIELDS.get(name) if type(name) is str else None
     if name_field is None:
-        name_field = _string_field(_SPAN_NAME, name)
-        if type(name) is str and len(name) <= _RECORD_VALUE_MAX:
-            if len(_NAME_FIELDS) >= _RECORDS_MAX:
+        name_field = string_field(_SPAN_NAME, name)
+        if type(name) is str and len(name) <= RECORD_VALUE_MAX:
+            if len(_NAME_FIELDS) >= RECORDS_MAX:
                 _NAME_FIELDS.clear()
             _NAME_FIELDS[name] = name_field
     out += (name_field, _KIND[span.kind])
     for tag, time_ns in ((_SPAN_START, span.start_time), (_SPAN_END, span.end_time)):
-        if type(time_ns) is int and 0 < time_ns < _UINT64_LIMIT:
-            out += (tag, _pack_fixed64(time_ns))
+        if type(time_ns) is int and 0 < time_ns < UINT64_LIMIT:
+            out += (tag, pack_fixed64(time_ns))
         else:
-            out.append(_fixed64_field(tag, time_ns))
-    _attributes(_SPAN_ATTRIBUTES, span.attributes, out)
+            out.append(fixed64_field(tag, time_ns))
+    append_attributes(_SPAN_ATTRIBUTES, span.attributes, out)
     dropped = span.dropped_attributes
     if dropped or type(dropped) is not int:
-        out.append(_uint_field(_SPAN_DROPPED_ATTRIBUTES, dropped))
+        out.append(uint_field(_SPAN_DROPPED_ATTRIBUTES, dropped))
     for event in span.events or ():
         fields = [
-            _fixed64_field(_EVENT_TIME, event.timestamp),
-            _string_field(_EVENT_NAME, event.name),
+            fixed64_field(_EVENT_TIME, event.timestamp),
+            string_field(_EVENT_NAME, event.name),
         ]
-        _attributes(_EVENT_ATTRIBUTES, event.attributes, fields)
-        fields.append(_uint_field(_EVENT_DROPPED_ATTRIBUTES, event.dropped_attributes))
+        append_attributes(_EVENT_ATTRIBUTES, event.attributes, fields)
+        fields.append(uint_field(_EVENT_DROPPED_ATTRIBUTES, event.dropped_attributes))
         _length_delimited(_SPAN_EVENTS, fields, out)
     dropped = span.dropped_events
     if dropped or type(dropped) is not int:
-        out.append(_uint_field(_SPAN_DROPPED_EVENTS, dropped))
+        out.append(uint_field(_SPAN_DROPPED_EVENTS, dropped))
     for link in span.links or ():
         linked = link.context
         fields = [
             _LINK_TRACE_ID,
-            _id(linked.trace_id, 16),
+            id_bytes(linked.trace_id, 16),
             _LINK_SPAN_ID,
-            _id(linked.span_id, 8),
+            id_bytes(linked.span_id, 8),
         ]
-        _attributes(_LINK_ATTRIBUTES, link.attributes, fields)
+        append_attributes(_LINK_ATTRIBUTES, link.attributes, fields)
         fields += (
-            _uint_field(_LINK_DROPPED_ATTRIBUTES, link.dropped_attributes),
+            uint_field(_LINK_DROPPED_ATTRIBUTES, link.dropped_attributes),
             _LINK_FLAGS,
             _FLAGS_REMOTE if linked.is_remote else _FLAGS_LOCAL,
         )
         _length_delimited(_SPAN_LINKS, fields, out)
     dropped = span.dropped_links
     if dropped or type(dropped) is not int:
-        out.append(_uint_field(_SPAN_DROPPED_LINKS, dropped))
+        out.append(uint_field(_SPAN_DROPPED_LINKS, dropped))
     status = span.status
     if (
         status is not None
@@ -465,8 +234,8 @@ def encode_span(span: ReadableSpan) -> bytes:
         out.append(_SPAN_STATUS_UNSET)
     elif status is not None:
         fields = [
-            _string_field(_STATUS_MESSAGE, status.description),
-            _STATUS_CODE + _varint(status.status_code.value) if status.status_code.value else b"",
+            string_field(_STATUS_MESSAGE, status.description),
+            _STATUS_CODE + varint(status.status_code.value) if status.status_code.value else b"",
         ]
         _length_delimited(_SPAN_STATUS, fields, out)
     out += (_SPAN_FLAGS, _FLAGS_REMOTE if parent and parent.is_remote else _FLAGS_LOCAL)
@@ -475,7 +244,7 @@ def encode_span(span: ReadableSpan) -> bytes:
 
 def _length_delimited(tag: bytes, fields: list[bytes], out: list[bytes]) -> None:
     body = b"".join(fields)
-    out += (tag, _varint(len(body)), body)
+    out += (tag, varint(len(body)), body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,7 +354,7 @@ def _encode_request(spans: Iterable[ReadableSpan], *, drop_invalid: bool) -> Enc
             if scope_group is None:
                 scope_group = group.scopes[scope] = _ScopeGroup(scope)
             group.by_id[id(scope)] = scope_group
-        scope_group.records += (_SCOPE_SPANS_SPANS, _varint(len(encoded)), encoded)
+        scope_group.records += (_SCOPE_SPANS_SPANS, varint(len(encoded)), encoded)
     out: list[bytes] = []
     for group in resources.values():
         _resource_spans(group, out)
@@ -595,16 +364,16 @@ def _encode_request(spans: Iterable[ReadableSpan], *, drop_invalid: bool) -> Enc
 def _resource_spans(group: _ResourceGroup, out: list[bytes]) -> None:
     """Append one ResourceSpans record; lengths are summed, never re-copied."""
     resource_message = _resource_message(group.resource)
-    body = [_RESOURCE_SPANS_RESOURCE, _varint(len(resource_message)), resource_message]
+    body = [_RESOURCE_SPANS_RESOURCE, varint(len(resource_message)), resource_message]
     for scope_group in group.scopes.values():
         scope = scope_group.scope
         scope_message = _scope_message(scope)
-        head = _SCOPE_SPANS_SCOPE + _varint(len(scope_message)) + scope_message
-        tail = _string_field(_SCOPE_SPANS_SCHEMA_URL, scope.schema_url if scope else None)
+        head = _SCOPE_SPANS_SCOPE + varint(len(scope_message)) + scope_message
+        tail = string_field(_SCOPE_SPANS_SCHEMA_URL, scope.schema_url if scope else None)
         size = len(head) + len(tail) + sum(map(len, scope_group.records))
-        body += (_RESOURCE_SPANS_SCOPE_SPANS, _varint(size), head)
+        body += (_RESOURCE_SPANS_SCOPE_SPANS, varint(size), head)
         body += scope_group.records
         body.append(tail)
-    body.append(_string_field(_RESOURCE_SPANS_SCHEMA_URL, group.resource.schema_url))
-    out += (_REQUEST_RESOURCE_SPANS, _varint(sum(map(len, body))))
+    body.append(string_field(_RESOURCE_SPANS_SCHEMA_URL, group.resource.schema_url))
+    out += (_REQUEST_RESOURCE_SPANS, varint(sum(map(len, body))))
     out += body

@@ -5,7 +5,7 @@ proto-http's ``OTLPSpanExporter`` (endpoint, headers, compression, retries,
 timeouts, the ``OTEL_EXPORTER_OTLP_*`` variables, its size limit and its
 metrics all unchanged) with one step replaced: the request body is written by
 :mod:`gateway.otlp_encode` instead of the official protobuf encoder, which
-holds the GIL ~5x longer. A span that cannot be encoded is left out with
+holds the GIL about 4x longer. A span that cannot be encoded is left out with
 one warning instead of failing its whole batch.
 
 Not for: choosing where spans go (``gateway/telemetry.py``) or encoding.

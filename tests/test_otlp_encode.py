@@ -278,11 +278,11 @@ def test_an_attribute_out_of_int64_is_left_out_with_one_warning_and_no_traceback
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     spans_ = [_span(attributes={"big": 2**64, "kept": 1, f"odd.{i}": object()}) for i in range(3)]
-    with caplog.at_level(logging.WARNING, logger="gateway.otlp_encode"):
+    with caplog.at_level(logging.WARNING, logger="gateway.otlp_wire"):
         body = assert_same_request(spans_)
     sent = Request.FromString(body).resource_spans[0].scope_spans[0].spans
     assert [[a.key for a in s.attributes] for s in sent] == [["kept"]] * 3
-    ours = [r for r in caplog.records if r.name == "gateway.otlp_encode"]
+    ours = [r for r in caplog.records if r.name == "gateway.otlp_wire"]
     # One line per bad key, however many spans carry it.
     assert sorted(r.getMessage().split("'")[1] for r in ours if "'big'" in r.getMessage()) == [
         "big"
