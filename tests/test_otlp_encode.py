@@ -10,7 +10,6 @@ the same spans with the same exception type.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import logging
 import math
 from collections.abc import Iterator
@@ -284,9 +283,7 @@ def test_an_attribute_out_of_int64_is_left_out_with_one_warning_and_no_traceback
     assert [[a.key for a in s.attributes] for s in sent] == [["kept"]] * 3
     ours = [r for r in caplog.records if r.name == "gateway.otlp_wire"]
     # One line per bad key, however many spans carry it.
-    assert sorted(r.getMessage().split("'")[1] for r in ours if "'big'" in r.getMessage()) == [
-        "big"
-    ]
+    assert sum("'big'" in r.getMessage() for r in ours) == 1
     assert all(r.exc_info is None for r in ours)
     assert "cannot encode a int value (Value out of range" in caplog.text
 
@@ -398,8 +395,7 @@ async def test_exporter_keeps_the_sdks_environment_compression_headers_and_retri
     assert [s.name for s in receiver.spans] == ["GET", "POST"]
     assert receiver.headers[0]["Content-Encoding"] == "gzip"
     assert receiver.headers[0]["x-team"] == "edge"
-    assert receiver.bodies[0] == encode_spans(spans_)  # aiohttp has un-gzipped it
-    assert gzip.decompress(gzip.compress(receiver.bodies[0])) == receiver.bodies[0]
+    assert receiver.bodies[0] == encode_spans(spans_)  # as aiohttp un-gzipped it
 
 
 async def test_exporter_drops_only_the_span_that_cannot_be_encoded(
@@ -433,3 +429,20 @@ def test_the_sdk_exporter_still_serialises_through_its_encode_spans_global() -> 
     assert "SerializePartialToString" in code.co_names
     assert sdk_trace_exporter.encode_spans is official
     assert FastOTLPSpanExporter.export is not OTLPSpanExporter.export
+
+
+def test_random_batches_reach_a_real_receiver_as_the_official_encoding() -> None:
+    with RecordingReceiver() as receiver:
+        exporter = FastOTLPSpanExporter(endpoint=receiver.endpoint + "/v1/traces", timeout=10)
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(st.lists(spans(), min_size=1, max_size=6))
+        def check(batch: list[ReadableSpan]) -> None:
+            receiver.bodies.clear()
+            assert exporter.export(batch) is SpanExportResult.SUCCESS
+            assert receiver.bodies == [official(batch).SerializePartialToString()]
+
+        try:
+            check()
+        finally:
+            exporter.shutdown()
