@@ -4,14 +4,17 @@ What it is for: the transparent part of the proxy (DESIGN §4). The backend
 sees what the browser sent and the browser gets what the backend answered,
 except for what the functions here change: hop-by-hop headers, Host and
 ``X-Forwarded-*``, propagation headers. Bodies move as streams in both
-directions, so memory stays constant whatever their size; compressed bytes
-are never touched.
+directions, so memory stays constant whatever their size — except request
+bodies up to ``GATEWAY_BUFFER_BODY_BYTES``, read completely before the
+upstream call so that a slow sender never holds a backend thread;
+compressed bytes are never touched.
 
 Not for: spans, trace context or CORS (``app.py``, ``context.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
@@ -184,6 +187,10 @@ def upstream_request_headers(request: web.BaseRequest, fwd: Forwarding) -> CIMul
 class BadUpstreamHeader(Exception):
     """The upstream sent a header value we cannot pass on unchanged."""
 
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"upstream sent header {name[:64]!r} that {problem}")
+        self.name = name
+
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers minus hop-by-hop ones, order and
@@ -191,7 +198,12 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
     Raises :class:`BadUpstreamHeader` for a value that is not UTF-8 (aiohttp
     hands it over with surrogate escapes, and could not write it back as it
-    came): the client gets a clear 502, not silently altered bytes.
+    came) or that holds CR or LF: the client gets a clear 502, not silently
+    altered bytes, and never a header line the upstream did not send as one
+    (response splitting). RFC 9110 §5.5: CR and LF are not allowed in a field
+    value; RFC 9112 §5.2: obs-fold is replaced by SP before forwarding
+    (aiohttp's parser does that, and refuses a bare CR itself, but the check
+    does not depend on which of its parsers is in use).
     """
     drop = connection_tokens(upstream)
     out: CIMultiDict[str] = CIMultiDict()
@@ -203,7 +215,9 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise BadUpstreamHeader(name) from None
+                raise BadUpstreamHeader(name, "is not UTF-8") from None
+        if "\r" in value or "\n" in value:
+            raise BadUpstreamHeader(name, "holds CR or LF")
         out.add(name, value)
     return out
 
@@ -214,15 +228,74 @@ def request_has_body(request: web.BaseRequest) -> bool:
     return request.body_exists
 
 
-async def stream_request_body(
-    request: web.BaseRequest, max_bytes: int, counter: list[int]
-) -> AsyncIterator[bytes]:
-    """Yield the client's body as it arrives; raise :class:`BodyTooLarge` past
-    ``max_bytes`` (for chunked bodies, whose size is unknown up front)."""
-    total = 0
-    async for chunk in request.content.iter_chunked(CHUNK_BYTES):
-        total += len(chunk)
-        counter[0] = total
-        if total > max_bytes:
-            raise BodyTooLarge(total)
-        yield chunk
+class ClientStalled(Exception):
+    """The client sent no body byte for ``GATEWAY_CLIENT_TIMEOUT_S``."""
+
+
+class BodyReader:
+    """The client's request body, read with a stall timeout and a size limit.
+
+    Every read waits at most ``stall_timeout_s`` for the next bytes (nginx's
+    ``client_body_timeout``: the time between two reads, not for the whole
+    body), so a sender that stops never holds the gateway — nor, once the
+    upstream call has started, a backend thread — for longer than that.
+    What went wrong stays readable on the reader (``stalled``,
+    ``received_bytes``), as aiohttp's client wraps whatever a body iterator
+    raises.
+    """
+
+    __slots__ = ("_content", "_max_bytes", "_stall_timeout_s", "received_bytes", "stalled")
+
+    def __init__(self, request: web.BaseRequest, *, max_bytes: int, stall_timeout_s: float):
+        self._content = request.content
+        self._max_bytes = max_bytes
+        self._stall_timeout_s = stall_timeout_s
+        self.received_bytes = 0
+        self.stalled = False
+
+    @property
+    def too_large(self) -> bool:
+        return self.received_bytes > self._max_bytes
+
+    async def _read(self) -> bytes:
+        """The next bytes the client sent; ``b""`` at the end of the body."""
+        try:
+            async with asyncio.timeout(self._stall_timeout_s):
+                chunk = await self._content.readany()
+        except TimeoutError:
+            self.stalled = True
+            raise ClientStalled from None
+        self.received_bytes += len(chunk)
+        if self.received_bytes > self._max_bytes:
+            raise BodyTooLarge(self.received_bytes)
+        return chunk
+
+    async def read(
+        self, buffer_bytes: int, declared_bytes: int | None
+    ) -> bytes | AsyncIterator[bytes]:
+        """The whole body as bytes when it ends within ``buffer_bytes``, else a
+        stream of it (what was read already first).
+
+        A declared Content-Length above ``buffer_bytes`` streams at once,
+        without buffering anything. Raises :class:`ClientStalled`,
+        :class:`BodyTooLarge` or aiohttp's ``ClientPayloadError`` (the client
+        disconnected or lied about its length) while buffering.
+        """
+        if declared_bytes is not None and declared_bytes > buffer_bytes:
+            return self._stream([])
+        head: list[bytes] = []
+        size = 0
+        while size <= buffer_bytes:
+            chunk = await self._read()
+            if not chunk:
+                return b"".join(head)
+            head.append(chunk)
+            size += len(chunk)
+        return self._stream(head)
+
+    async def _stream(self, head: list[bytes]) -> AsyncIterator[bytes]:
+        for chunk in head:
+            yield chunk
+        head.clear()
+        while chunk := await self._read():
+            yield chunk

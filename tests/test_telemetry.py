@@ -9,6 +9,7 @@ import pytest
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from gateway import telemetry
+from gateway.logs import RateLimitFilter
 
 
 @pytest.mark.parametrize(
@@ -97,7 +98,7 @@ def test_sampler_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_export_failure_logs_are_rate_limited() -> None:
-    limiter = telemetry._RateLimitFilter(interval_s=3600)
+    limiter = RateLimitFilter(interval_s=3600)
     records = [
         logging.LogRecord("x", logging.WARNING, __file__, 1, "export failed", None, None)
         for _ in range(50)
