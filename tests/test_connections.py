@@ -12,15 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.client
 import json
+import logging
+import os
+import select
 import socket
+import subprocess
+import sys
+import threading
 import time
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.cli import CrashWindow, kill_deadline_s
+from gateway.config import GatewayConfig
+from gateway.logs import RateLimitFilter
 from tests.conftest import GatewayFactory, Traced
-from tests.servers import BackendThread, parse_head
+from tests.otlp_receiver import OtlpReceiver
+from tests.servers import ROOT, BackendThread, Process, free_port, parse_head
 from tests.upstream import ScriptedUpstream, fixed
 
 CLIENT_TIMEOUT_S = 1.0
@@ -314,3 +326,331 @@ async def test_bodies_around_the_buffer_size_arrive_intact(
     echo = json.loads(reply)
     assert echo["body_bytes"] == size
     assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+# -- pure logic: the supervisor's crash window, the log rate limit ------------------
+
+
+def test_crash_window_gives_up_on_max_crashes_within_the_window() -> None:
+    window = CrashWindow(max_crashes=5, window_s=60)
+    assert [window.record(t) for t in (0, 10, 20, 30)] == [False] * 4
+    assert window.record(40)  # the 5th within 60 s
+
+
+def test_crash_window_forgets_crashes_older_than_the_window() -> None:
+    window = CrashWindow(max_crashes=5, window_s=60)
+    # A crash every 20 s is 3 per minute: restarted for ever (here, a day).
+    assert not any(window.record(t * 20.0) for t in range(4320))
+    # A crash each hour over days: never a reason to exit.
+    hourly = CrashWindow(max_crashes=5, window_s=60)
+    assert not any(hourly.record(h * 3600.0) for h in range(24 * 7))
+
+
+def test_crash_window_counts_the_edge_of_the_window_out() -> None:
+    window = CrashWindow(max_crashes=2, window_s=60)
+    assert not window.record(0)
+    assert not window.record(60)  # the first one is exactly 60 s old: out
+    assert window.record(119.9)
+
+
+def test_rate_limit_filter_lets_one_line_through_per_interval_with_a_count() -> None:
+    now = [0.0]
+    limiter = RateLimitFilter(60.0, clock=lambda: now[0])
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord("x", logging.WARNING, __file__, 1, "upstream down", None, None)
+
+    first = record()
+    assert limiter.filter(first)
+    assert first.getMessage() == "upstream down"
+    assert not any(limiter.filter(record()) for _ in range(41))
+    now[0] = 61.0
+    later = record()
+    assert limiter.filter(later)
+    assert later.getMessage() == "upstream down (41 similar messages suppressed)"
+
+
+# -- processes: logs, shutdown, and the backend under an attack --------------------
+
+
+def test_a_down_backend_logs_one_line_per_interval_not_one_per_request() -> None:
+    with Process(
+        "gateway",
+        ["--upstream", f"http://127.0.0.1:{free_port()}", "--port", "0", "--workers", "1"],
+    ) as gw:
+        for _ in range(20):
+            status, _ = _http_get(gw.port, "/api/activities/home")
+            assert status == 502
+        code, err = gw.terminate()
+    assert code == 0
+    lines = [line for line in err.splitlines() if "upstream GET /api/activities/home" in line]
+    assert len(lines) == 1, err
+
+
+def _http_get(port: int, path: str, timeout_s: float = 30) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+class _SlowUpstream:
+    """A threaded upstream that answers ``delay_s`` after a request head
+    arrives, and says when one has (the request is then in flight)."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.head_seen = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> _SlowUpstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(self.delay_s + 30)
+            data = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                self.head_seen.set()
+                # The upstream's own slowness (not a test synchronisation):
+                # returns early when the gateway closes the connection.
+                if self._stop.wait(0) or _closed_within(conn, self.delay_s):
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+
+
+def _closed_within(conn: socket.socket, seconds: float) -> bool:
+    ready, _, _ = select.select([conn], [], [], seconds)
+    return bool(ready) and conn.recv(1) == b""
+
+
+def _gateway_args(upstream: str, workers: int, shutdown_timeout_s: float) -> list[str]:
+    port = 0 if workers == 1 else free_port()
+    return [
+        *("--upstream", upstream, "--port", str(port), "--workers", str(workers)),
+        *("--shutdown-timeout-s", str(shutdown_timeout_s)),
+    ]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_lets_a_slow_request_finish_then_flushes_its_spans(
+    receiver: OtlpReceiver, workers: int
+) -> None:
+    # A schedule delay far longer than the test: only the exit flush exports.
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "600000"}
+    with (
+        _SlowUpstream(delay_s=1.5) as up,
+        Process("gateway", _gateway_args(up.url, workers, 8), env) as gw,
+    ):
+        answer: list[tuple[int, bytes]] = []
+        path = f"/drain-{workers}"
+        client = threading.Thread(target=lambda: answer.append(_http_get(gw.port, path)))
+        client.start()
+        assert up.head_seen.wait(20)
+        started = time.monotonic()
+        code, err = gw.terminate()
+        elapsed = time.monotonic() - started
+        client.join(timeout=20)
+    assert code == 0, err
+    assert answer == [(200, b"slow")]
+    assert elapsed < 8
+    spans = receiver.wait_for(
+        lambda s: any(x.attributes.get("url.path") == path for x in s), timeout_s=10
+    )
+    server = next(s for s in spans if s.attributes.get("url.path") == path)
+    assert server.attributes["http.response.status_code"] == 200
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_cuts_a_request_slower_than_the_shutdown_timeout_in_time(
+    receiver: OtlpReceiver, workers: int
+) -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "600000"}
+    shutdown_timeout_s = 1.0
+    with (
+        _SlowUpstream(delay_s=60) as up,
+        Process("gateway", _gateway_args(up.url, workers, shutdown_timeout_s), env) as gw,
+    ):
+        answer: list[object] = []
+        path = f"/stuck-{workers}"
+
+        def request() -> None:
+            try:
+                answer.append(_http_get(gw.port, path))
+            except (OSError, http.client.HTTPException) as exc:
+                answer.append(exc)
+
+        client = threading.Thread(target=request)
+        client.start()
+        assert up.head_seen.wait(20)
+        started = time.monotonic()
+        code, err = gw.terminate(timeout_s=60)
+        elapsed = time.monotonic() - started
+        client.join(timeout=20)
+    config = GatewayConfig(shutdown_timeout_s=shutdown_timeout_s)
+    assert code == 0, err
+    # Drained for the shutdown timeout, flushed, and out before the parent's
+    # SIGKILL deadline (which would leave the span unexported).
+    assert shutdown_timeout_s <= elapsed < kill_deadline_s(config), elapsed
+    assert "Traceback" not in err
+    assert len(answer) == 1
+    spans = receiver.wait_for(
+        lambda s: any(x.attributes.get("url.path") == path for x in s), timeout_s=10
+    )
+    server = next(s for s in spans if s.attributes.get("url.path") == path)
+    assert server.status_code == 2  # ERROR: cut by the shutdown
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _wait_all_closed(socks: list[socket.socket], deadline: float) -> list[float]:
+    """When each socket was closed by the server (time.monotonic()), draining
+    what it sent; sockets still open at the deadline are left out."""
+    closed_at: list[float] = []
+    pending = {s.fileno(): s for s in socks}
+    while pending and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(pending.values()), [], [], 0.2)
+        for sock in ready:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                closed_at.append(time.monotonic())
+                del pending[sock.fileno()]
+    return closed_at
+
+
+def test_idle_slow_and_non_reading_clients_leave_the_backend_free(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The production backend (gunicorn gthread, 16 threads) behind one
+    gateway worker, while 200 idle sockets, 16 slow-body senders and 16
+    clients that never read their (200 MB) responses hold on: every one of
+    them is cut after GATEWAY_CLIENT_TIMEOUT_S, the gateway's file
+    descriptors come back, and the backend's 16 threads are free again."""
+    timeout_s = 2.0
+    port = free_port()
+    env = {
+        **os.environ,
+        "BACKEND_BIND": f"127.0.0.1:{port}",
+        "BACKEND_WORKERS": "1",
+        "BACKEND_THREADS": "16",
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",
+    }
+    gunicorn = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "backend/gunicorn_conf.py", "backend.wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    attack: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert _http_get(port, "/api/health")[0] == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "gunicorn did not start"
+                time.sleep(0.2)
+        args = ["--upstream", f"http://127.0.0.1:{port}", "--port", "0", "--workers", "1"]
+        with Process("gateway", [*args, "--client-timeout-s", str(timeout_s)]) as gw:
+            assert _http_get(gw.port, "/api/activities/home")[0] == 200
+            fds_before = _fd_count(gw.proc.pid)
+            started = time.monotonic()
+            idle = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(200)]
+            slow = []
+            for _ in range(16):
+                sock = socket.create_connection(("127.0.0.1", gw.port))
+                sock.sendall(b"POST /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+                sock.sendall(b"0123456789")
+                slow.append(sock)
+            deaf = []
+            for _ in range(16):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", gw.port))
+                sock.sendall(b"GET /api/bytes?n=209715200 HTTP/1.1\r\nHost: x\r\n\r\n")
+                deaf.append(sock)
+            attack = idle + slow + deaf
+            fds_during = _fd_count(gw.proc.pid)
+
+            # Another client, during the attack: served, at worst once the
+            # timeout has freed the backend threads the deaf clients held.
+            t0 = time.monotonic()
+            assert _http_get(gw.port, "/api/activities/home")[0] == 200
+            during_s = time.monotonic() - t0
+
+            cut_deadline = started + timeout_s + SLACK_S + 5
+            closed = _wait_all_closed(idle + slow, cut_deadline)
+            assert len(closed) == len(idle) + len(slow)
+            slowest_cut_s = max(closed) - started
+            assert timeout_s * 0.9 <= slowest_cut_s < timeout_s + SLACK_S + 5
+            # The deaf clients' connections are gone from the gateway too.
+            fd_deadline = time.monotonic() + 10
+            while _fd_count(gw.proc.pid) > fds_before + 5 and time.monotonic() < fd_deadline:
+                time.sleep(0.1)
+            fds_after = _fd_count(gw.proc.pid)
+            assert fds_after <= fds_before + 5
+
+            # The backend's 16 threads are free: 16 requests that each hold a
+            # thread for 0.5 s finish together, not one after another.
+            results: list[int] = []
+
+            def hold() -> None:
+                results.append(_http_get(gw.port, "/api/slow?ms=500")[0])
+
+            t0 = time.monotonic()
+            threads = [threading.Thread(target=hold) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
+            parallel_s = time.monotonic() - t0
+            assert results == [200] * 16
+            assert parallel_s < 0.5 * 4
+            with capsys.disabled():
+                print(
+                    f"\n[connections] fds before/during/after: {fds_before}/{fds_during}/"
+                    f"{fds_after}; request during attack {during_s:.2f} s; last idle/slow "
+                    f"socket cut at {slowest_cut_s:.2f} s; 16 x 0.5 s after: {parallel_s:.2f} s"
+                )
+    finally:
+        for sock in attack:
+            sock.close()
+        gunicorn.terminate()
+        try:
+            gunicorn.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            gunicorn.kill()
+            gunicorn.wait(timeout=10)
