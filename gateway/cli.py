@@ -5,7 +5,7 @@ worker processes before it creates any thread, event loop or tracer; each
 worker binds its own ``SO_REUSEPORT`` socket on the same address, so the
 kernel spreads incoming connections across them (gunicorn's aiohttp worker
 shares one accept queue, which put all 16 of a benchmark's connections on one
-of two workers here, DESIGN §2). The parent forwards SIGTERM/SIGINT, waits
+of two workers here, README "Workers"). The parent forwards SIGTERM/SIGINT, waits
 for every worker to flush its spans and exit, and exits itself. A worker that
 dies on its own is logged and restarted; only a crash loop (MAX_CRASHES
 within CRASH_WINDOW_S) makes the parent give up. On SIGTERM each worker

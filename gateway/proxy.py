@@ -1,8 +1,9 @@
 """Forwarding: which headers cross the gateway, and how bodies stream through it.
 
-What it is for: the transparent part of the proxy (DESIGN §4). The backend
-sees what the browser sent and the browser gets what the backend answered,
-except for what the functions here change: hop-by-hop headers, Host and
+What it is for: the transparent part of the proxy (README "What the proxy
+does (and does not) change"). The backend sees what the browser sent and the
+browser gets what the backend answered, except for what the functions here
+change: hop-by-hop headers, Host and
 ``X-Forwarded-*``, propagation headers. Bodies move as streams in both
 directions, so memory stays constant whatever their size — except request
 bodies up to ``GATEWAY_BUFFER_BODY_BYTES``, read completely before the
