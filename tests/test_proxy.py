@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import GatewayFactory, Traced
 from tests.servers import BackendThread, parse_head, raw_request
@@ -761,3 +763,33 @@ def test_response_headers_refuse_values_with_cr_or_lf() -> None:
         upstream = CIMultiDictProxy(CIMultiDict([("X-A", value)]))
         with pytest.raises(proxy.BadUpstreamHeader, match="CR or LF"):
             proxy.response_headers(upstream)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    method=st.sampled_from([b"GET", b"POST", b"PUT", b"TRACE", b"PATCH"]),
+    version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/3.0"]),
+    expect=st.one_of(
+        st.none(),
+        st.just(b"100-continue"),
+        st.binary(max_size=24).filter(lambda b: not set(b) & set(b"\r\n\x00")),
+    ),
+    length=st.integers(min_value=0, max_value=3000),
+)
+async def test_request_line_and_expect_fuzz_never_500(
+    gateway: GatewayFactory, method: bytes, version: bytes, expect: bytes | None, length: int
+) -> None:
+    """Fuzz the new protocol edges over a real socket: any method, version,
+    Expect value and declared size gets an HTTP answer, never a 500."""
+    base = await gateway(max_body_bytes=1000)
+    head = b"%s /api/echo %s\r\nHost: x\r\nConnection: close\r\n" % (method, version)
+    head += b"Content-Length: %d\r\n" % length
+    if expect is not None:
+        head += b"Expect: " + expect + b"\r\n"
+    data = await _raw(base, head + b"\r\n" + b"x" * length, until_close=True)
+    if data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):
+        data = data[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+    status, _, _ = parse_head(data)
+    assert status < 500 or status == 505, data[:200]
