@@ -423,56 +423,23 @@ class _ClientGone(Exception):
 
 class _ClientWrites:
     """Writes of one response to the client, each bounded by ``timeout_s``
-    (nginx's ``send_timeout``: a client that does not read holds nothing).
+    (nginx's ``send_timeout``: a client that does not read holds nothing)."""
 
-    ``asyncio.timeout`` around every chunk cost 30–40 µs a write under uvloop
-    here; this keeps one watchdog timer per response and a timestamp per
-    write. The watchdog wakes once per ``timeout_s`` while the response
-    lasts; a write pending for ``timeout_s`` is cancelled the way
-    ``asyncio.timeout`` cancels (``cancel`` then ``uncancel``), so a real
-    cancellation of the handler still propagates.
-    """
-
-    __slots__ = ("_handle", "_loop", "_pending_since", "_task", "_timeout_s", "fired")
+    __slots__ = ("_timer",)
 
     def __init__(self, timeout_s: float) -> None:
-        self._timeout_s = timeout_s
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self._pending_since: float | None = None
-        self.fired = False
-        self._handle: asyncio.TimerHandle | None = self._loop.call_later(timeout_s, self._check)
+        self._timer = proxy.StallTimer(timeout_s)
 
     async def send(self, write: Awaitable[object]) -> None:
-        self._pending_since = self._loop.time()
         try:
-            await write
+            await self._timer.wait(write)
+        except TimeoutError as exc:
+            raise _ClientGone(timed_out=True) from exc
         except OSError as exc:  # incl. aiohttp's ClientConnectionResetError
-            if self.fired and self._task is not None:
-                self._task.uncancel()  # the write failed before our cancel landed
-            raise _ClientGone(timed_out=self.fired) from exc
-        except asyncio.CancelledError:
-            if self.fired and self._task is not None and self._task.uncancel() == 0:
-                raise _ClientGone(timed_out=True) from None
-            raise
-        finally:
-            self._pending_since = None
+            raise _ClientGone(timed_out=False) from exc
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        since = self._pending_since
-        if since is not None and now - since >= self._timeout_s and self._task is not None:
-            self.fired = True
-            self._handle = None
-            self._task.cancel()
-            return
-        due = (since if since is not None else now) + self._timeout_s
-        self._handle = self._loop.call_at(due, self._check)
+        self._timer.stop()
 
 
 #: How long the answer to a client that stalled may take to go out (it is

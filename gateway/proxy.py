@@ -16,9 +16,9 @@ Not for: spans, trace context or CORS (``app.py``, ``context.py``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -66,6 +66,8 @@ PARSER_LIMITS: Final = {
     "max_field_size": 2 * MAX_FIELD_BYTES,
     "max_headers": 2 * MAX_HEADER_COUNT,
 }
+
+_T = TypeVar("_T")
 
 #: Read size for streamed bodies (aiohttp's default buffer is 64 KiB).
 CHUNK_BYTES: Final = 64 * 1024
@@ -233,6 +235,62 @@ class ClientStalled(Exception):
     """The client sent no body byte for ``GATEWAY_CLIENT_TIMEOUT_S``."""
 
 
+class StallTimer:
+    """Bounds each of many awaits by ``timeout_s``, with one timer for all.
+
+    ``asyncio.timeout`` around every chunk cost 4–6 µs an await under uvloop
+    here (30–40 µs on a loaded machine), this 0.5 µs: a timestamp per await
+    and one timer that only runs
+    while an await is pending (it re-arms at most once per ``timeout_s`` and
+    dies when nothing is pending). An await pending for ``timeout_s`` is
+    cancelled the way ``asyncio.timeout`` does it (``cancel`` then
+    ``uncancel``) and raises ``TimeoutError``; a real cancellation of the
+    task still propagates.
+    """
+
+    __slots__ = ("_fired", "_handle", "_loop", "_pending_since", "_task", "_timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self._pending_since: float | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._fired = False
+
+    async def wait(self, awaitable: Awaitable[_T]) -> _T:
+        task = asyncio.current_task()
+        now = self._loop.time()
+        self._task, self._pending_since, self._fired = task, now, False
+        if self._handle is None:
+            self._handle = self._loop.call_at(now + self._timeout_s, self._check)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._fired and task is not None and task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._pending_since = None
+            self._task = None
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        self._handle = None
+        since, task = self._pending_since, self._task
+        if since is None or task is None:
+            return  # nothing pending: the next wait re-arms
+        if self._loop.time() - since >= self._timeout_s:
+            self._fired = True
+            task.cancel()
+            return
+        self._handle = self._loop.call_at(since + self._timeout_s, self._check)
+
+
 class BodyReader:
     """The client's request body, read with a stall timeout and a size limit.
 
@@ -245,12 +303,12 @@ class BodyReader:
     raises.
     """
 
-    __slots__ = ("_content", "_max_bytes", "_stall_timeout_s", "received_bytes", "stalled")
+    __slots__ = ("_content", "_max_bytes", "_timer", "received_bytes", "stalled")
 
     def __init__(self, request: web.BaseRequest, *, max_bytes: int, stall_timeout_s: float):
         self._content = request.content
         self._max_bytes = max_bytes
-        self._stall_timeout_s = stall_timeout_s
+        self._timer = StallTimer(stall_timeout_s)
         self.received_bytes = 0
         self.stalled = False
 
@@ -261,8 +319,7 @@ class BodyReader:
     async def _read(self) -> bytes:
         """The next bytes the client sent; ``b""`` at the end of the body."""
         try:
-            async with asyncio.timeout(self._stall_timeout_s):
-                chunk = await self._content.readany()
+            chunk = await self._timer.wait(self._content.readany())
         except TimeoutError:
             self.stalled = True
             raise ClientStalled from None
@@ -286,17 +343,25 @@ class BodyReader:
             return self._stream([])
         head: list[bytes] = []
         size = 0
-        while size <= buffer_bytes:
-            chunk = await self._read()
-            if not chunk:
-                return b"".join(head)
-            head.append(chunk)
-            size += len(chunk)
+        try:
+            while size <= buffer_bytes:
+                chunk = await self._read()
+                if not chunk:
+                    self._timer.stop()
+                    return b"".join(head)
+                head.append(chunk)
+                size += len(chunk)
+        except BaseException:
+            self._timer.stop()
+            raise
         return self._stream(head)
 
     async def _stream(self, head: list[bytes]) -> AsyncIterator[bytes]:
-        for chunk in head:
-            yield chunk
-        head.clear()
-        while chunk := await self._read():
-            yield chunk
+        try:
+            for chunk in head:
+                yield chunk
+            head.clear()
+            while chunk := await self._read():
+                yield chunk
+        finally:
+            self._timer.stop()

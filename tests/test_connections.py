@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from gateway.cli import CrashWindow, kill_deadline_s
 from gateway.config import GatewayConfig
 from gateway.logs import RateLimitFilter
+from gateway.proxy import StallTimer
 from tests.conftest import GatewayFactory, Traced
 from tests.otlp_receiver import OtlpReceiver
 from tests.servers import ROOT, BackendThread, Process, free_port, parse_head
@@ -654,3 +655,28 @@ def test_idle_slow_and_non_reading_clients_leave_the_backend_free(
         except subprocess.TimeoutExpired:
             gunicorn.kill()
             gunicorn.wait(timeout=10)
+
+
+async def test_stall_timer_times_out_a_stalled_await_only() -> None:
+    timer = StallTimer(0.2)
+    for _ in range(1000):  # quick awaits never time out
+        await timer.wait(asyncio.sleep(0))
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await timer.wait(never)
+    assert 0.18 <= time.monotonic() - started < 0.2 + SLACK_S
+    # Usable again after a timeout.
+    assert await timer.wait(asyncio.sleep(0, result=7)) == 7
+    timer.stop()
+
+
+async def test_stall_timer_lets_a_real_cancellation_through() -> None:
+    timer = StallTimer(30)
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(timer.wait(never))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    timer.stop()
