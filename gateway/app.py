@@ -11,12 +11,19 @@ Not for: header rules (``proxy.py``), context trust (``context.py``) or
 process management (``cli.py``).
 
 Hot path rules: nothing here blocks the event loop, compiles a regex or logs
-at INFO per request; bodies are never buffered.
+at INFO per request; bodies are never buffered beyond
+``GATEWAY_BUFFER_BODY_BYTES`` (``proxy.BodyReader``).
+
+Slow or silent clients: every wait on the client is bounded by
+``GATEWAY_CLIENT_TIMEOUT_S`` — aiohttp's keep-alive timer (idle connections
+and unfinished request heads), ``proxy.BodyReader`` (a body that stalls) and
+``_to_client`` (a client that stops reading the response).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -49,6 +56,14 @@ from gateway.reserved import Reserved
 from gateway.telemetry import Telemetry
 
 log = logging.getLogger("gateway")
+#: 502/504 lines: a down backend makes one per request, so the CLI rate-limits
+#: this logger (``gateway.logs.RateLimitFilter``).
+upstream_log = logging.getLogger("gateway.upstream")
+
+#: What a TRACE request is answered with instead (RFC 9110 §9.3.8: TRACE
+#: reflects the request, credentials included; a proxy may refuse it, and nginx
+#: answers 405). ``Allow`` must list the supported methods (RFC 9110 §15.5.6).
+ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
 
 #: Reserved prefix, never forwarded (DESIGN §4).
 RESERVED_PREFIX: Final = "/__gateway/"
@@ -129,6 +144,31 @@ class Gateway:
         finally:
             await self.session.close()
 
+    async def expect(self, request: web.Request) -> None:
+        """``Expect: 100-continue``: say 100 only to a request we will forward.
+
+        RFC 9110 §10.1.1: a server that will refuse the request from its head
+        alone may answer at once, without 100 (Continue), and the client then
+        sends no body. aiohttp's default would say 100 before the handler
+        runs, inviting a body we are about to refuse with 413 (or 405, 505,
+        431); the handler answers those. Other expectations get 417, as
+        aiohttp's default does.
+        """
+        if request.version != aiohttp.HttpVersion11:
+            return
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only 100-continue is supported")
+        declared = request.content_length
+        if (
+            request.method == "TRACE"
+            or (declared is not None and declared > self.config.max_body_bytes)
+            or proxy.header_limit_error(request) is not None
+        ):
+            return
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # The interim response is not part of the final one's size.
+        request.writer.output_size = 0
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         t1_ns = time.time_ns()
         t1_perf = time.perf_counter_ns()
@@ -205,13 +245,42 @@ class Gateway:
                 server_span.set_status(Status(StatusCode.ERROR, message))
             response = json_error(status, message, trace_id)
             self._finish_headers(response.headers, exchange, None)
+            if exchange.origin is not None and not exchange.preflight:
+                # The gateway's own answer (the backend said nothing): its body
+                # is ours to open, like /__gateway/, so an allowed page can read
+                # the error and its trace id. No credentials: that is the
+                # backend's to grant.
+                self.cors.grant_own(response.headers, exchange.origin)
             return response
 
+        if request.version.major != 1:
+            # RFC 9110 §15.6.6: 505 for a major version we do not support.
+            # aiohttp's parser passes "HTTP/0.9" and "HTTP/2.0" request lines on
+            # (it refuses other versions itself with a 400).
+            return fail(505, f"HTTP/{request.version.major} is not supported here", "505")
+        if request.method == "TRACE":
+            refusal = fail(405, "TRACE is not forwarded", "405")
+            refusal.headers["Allow"] = ALLOWED_METHODS
+            return refusal
         declared = request.content_length
         if declared is not None and declared > config.max_body_bytes:
             # The unread body is discarded by aiohttp's lingering read after the
             # answer (closing at once would reset the connection and lose the 413).
             return fail(413, f"request body larger than {config.max_body_bytes} bytes", "413")
+        reader: proxy.BodyReader | None = None
+        body: bytes | AsyncIterator[bytes] | None = None
+        if proxy.request_has_body(request):
+            reader = proxy.BodyReader(
+                request, max_bytes=config.max_body_bytes, stall_timeout_s=config.client_timeout_s
+            )
+            try:
+                body = await reader.read(config.buffer_body_bytes, declared)
+            except proxy.ClientStalled:
+                return await _cut_client(request, fail(408, "request body stalled", "408"))
+            except proxy.BodyTooLarge:
+                return fail(413, "request body too large", "413")
+            except (aiohttp.ClientPayloadError, ConnectionError) as exc:
+                return fail(400, "request body incomplete", type(exc).__qualname__)
 
         raw_target = request.raw_path
         if not raw_target.startswith("/"):
@@ -247,10 +316,6 @@ class Gateway:
         )
         context.inject(headers, client_span.get_span_context())
 
-        counter = [0]
-        body = None
-        if proxy.request_has_body(request):
-            body = proxy.stream_request_body(request, config.max_body_bytes, counter)
         assert self.session is not None
         sent_perf = time.perf_counter_ns()
         try:
@@ -264,14 +329,18 @@ class Gateway:
                 chunked=None,
             )
         except BaseException as exc:
-            status, message, error_type = _classify(exc, counter[0] > config.max_body_bytes)
+            status, message, error_type = _classify(exc, reader)
             client_span.set_attribute("error.type", error_type)
             client_span.set_status(Status(StatusCode.ERROR, message))
             client_span.end()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if status >= 500:
-                log.warning("upstream %s %s: %s (%s)", request.method, path, message, error_type)
+                upstream_log.warning(
+                    "upstream %s %s: %s (%s)", request.method, path, message, error_type
+                )
+            if status == 408:
+                return await _cut_client(request, fail(status, message, error_type))
             return fail(status, message, error_type)
 
         upstream_ns = time.perf_counter_ns() - sent_perf
@@ -290,24 +359,30 @@ class Gateway:
         except proxy.BadUpstreamHeader as exc:
             upstream.close()
             client_span.end()
-            log.warning("upstream sent header %r that is not UTF-8", str(exc))
-            return fail(502, f"upstream sent header {str(exc)!r} that is not UTF-8", "header")
+            upstream_log.warning("%s", exc)
+            return fail(502, str(exc), "header")
         keep = frozenset(k.lower() for k in ("Content-Type", "Server") if k in out_headers)
         response = _ProxyResponse(status=status, reason=upstream.reason, keep=keep)
         response.headers.extend(out_headers)
         completed = False
+        to_client = _ClientWrites(config.client_timeout_s)
         try:
             self._finish_headers(response.headers, exchange, upstream_ns)
-            await _to_client(response.prepare(request))
+            await to_client.send(response.prepare(request))
             if request.method != "HEAD" and status not in (204, 304):
                 # Errors reading the upstream raise from the iterator itself;
                 # errors writing to the client come wrapped as _ClientGone.
                 async for chunk in upstream.content.iter_any():
-                    await _to_client(response.write(chunk))
-            await _to_client(response.write_eof())
+                    await to_client.send(response.write(chunk))
+            await to_client.send(response.write_eof())
             completed = True
-        except _ClientGone:
-            server_span.set_attribute("error.type", "client_disconnected")
+        except _ClientGone as gone:
+            if gone.timed_out:
+                # It stopped reading: drop it with whatever it did not take.
+                server_span.set_attribute("error.type", "client_timeout")
+                _abort(request)
+            else:
+                server_span.set_attribute("error.type", "client_disconnected")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             # The upstream died or stalled mid-body: cut the client's response
             # (never complete it with a wrong length) and mark the spans.
@@ -315,9 +390,12 @@ class Gateway:
             for span in (client_span, server_span):
                 span.set_attribute("error.type", error_type)
                 span.set_status(Status(StatusCode.ERROR, "upstream response cut short"))
-            log.warning("upstream %s %s died mid-body: %s", request.method, path, error_type)
+            upstream_log.warning(
+                "upstream %s %s died mid-body: %s", request.method, path, error_type
+            )
             _abort(request)
         finally:
+            to_client.stop()
             client_span.end()
             # A fully read response goes back to the pool; anything else gives
             # its connection up (unread bytes would poison the next request).
@@ -363,14 +441,50 @@ class Gateway:
 
 
 class _ClientGone(Exception):
-    """Writing to the client failed: it disconnected."""
+    """Writing to the client failed: it disconnected, or stopped reading."""
+
+    def __init__(self, *, timed_out: bool) -> None:
+        super().__init__("client stopped reading" if timed_out else "client disconnected")
+        self.timed_out = timed_out
 
 
-async def _to_client(write: Awaitable[object]) -> None:
-    try:
-        await write
-    except OSError as exc:  # incl. aiohttp's ClientConnectionResetError
-        raise _ClientGone from exc
+class _ClientWrites:
+    """Writes of one response to the client, each bounded by ``timeout_s``
+    (nginx's ``send_timeout``: a client that does not read holds nothing)."""
+
+    __slots__ = ("_timer",)
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timer = proxy.StallTimer(timeout_s)
+
+    async def send(self, write: Awaitable[object]) -> None:
+        try:
+            await self._timer.wait(write)
+        except TimeoutError as exc:
+            raise _ClientGone(timed_out=True) from exc
+        except OSError as exc:  # incl. aiohttp's ClientConnectionResetError
+            raise _ClientGone(timed_out=False) from exc
+
+    def stop(self) -> None:
+        self._timer.stop()
+
+
+#: How long the answer to a client that stalled may take to go out (it is
+#: small: it fits in the socket buffer unless the client is gone).
+_LAST_WORDS_TIMEOUT_S: Final = 1.0
+
+
+async def _cut_client(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response`` and close the connection: the client's body was not
+    read to its end, so nothing after it can be parsed, and a client that
+    stalled once gets no lingering read (nginx closes after its 408 too)."""
+    response.force_close()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(_LAST_WORDS_TIMEOUT_S):
+            await response.prepare(request)
+            await response.write_eof()
+    request.protocol.force_close()
+    return response
 
 
 class _Exchange:
@@ -397,10 +511,16 @@ class _Exchange:
         self.inbound: SpanContext | None = None
 
 
-def _classify(exc: BaseException, body_too_large: bool) -> tuple[int, str, str]:
-    """(status, message, error.type) for a failure before the upstream answered."""
-    if body_too_large or isinstance(exc, proxy.BodyTooLarge):
+def _classify(exc: BaseException, reader: proxy.BodyReader | None) -> tuple[int, str, str]:
+    """(status, message, error.type) for a failure before the upstream answered.
+
+    aiohttp's client wraps what the body iterator raised, so the reader says
+    whether the client's body was the cause.
+    """
+    if reader is not None and reader.too_large:
         return 413, "request body too large", "413"
+    if reader is not None and reader.stalled:
+        return 408, "request body stalled", "408"
     if isinstance(exc, TimeoutError):
         return 504, "upstream timed out", "timeout"
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -455,11 +575,17 @@ def create_app(
     tracer = provider.get_tracer("gateway", __version__)
     gateway = Gateway(config, tracer)
     reserved = Reserved(config, gateway.cors, gateway.measurement, provider, telemetry)
-    app = web.Application(handler_args=dict(proxy.PARSER_LIMITS))
+    # aiohttp's keep-alive timer starts when a connection opens and again after
+    # each response, and closes the connection if no complete request head has
+    # arrived by then: it cuts idle connections and slow request heads alike
+    # (tests/test_connections.py fails if a new aiohttp stops doing that).
+    app = web.Application(
+        handler_args={**proxy.PARSER_LIMITS, "keepalive_timeout": config.client_timeout_s}
+    )
     app[CONFIG_KEY] = config
     app.cleanup_ctx.append(gateway.session_ctx)
     app[RESERVED_KEY] = reserved
     app.on_shutdown.append(reserved.mark_stopping)
     reserved.add_routes(app.router, RESERVED_PREFIX)
-    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    app.router.add_route("*", "/{tail:.*}", gateway.handle, expect_handler=gateway.expect)
     return app

@@ -5,9 +5,12 @@ worker processes before it creates any thread, event loop or tracer; each
 worker binds its own ``SO_REUSEPORT`` socket on the same address, so the
 kernel spreads incoming connections across them (gunicorn's aiohttp worker
 shares one accept queue, which put all 16 of a benchmark's connections on one
-of two workers here, DESIGN §2). The parent forwards SIGTERM/SIGINT, waits
+of two workers here, README "Workers"). The parent forwards SIGTERM/SIGINT, waits
 for every worker to flush its spans and exit, and exits itself. A worker that
-dies on its own is logged and restarted, at most a few times a minute.
+dies on its own is logged and restarted; only a crash loop (MAX_CRASHES
+within CRASH_WINDOW_S) makes the parent give up. On SIGTERM each worker
+drains in-flight requests for ``GATEWAY_SHUTDOWN_TIMEOUT_S``, then flushes
+its spans (bounded), and the parent SIGKILLs only after both could finish.
 
 Not for: anything a request touches (``app.py``).
 """
@@ -23,6 +26,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
@@ -32,15 +36,18 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway import __version__
 from gateway.config import LOG_LEVELS, TRUST_MODES, ConfigError, GatewayConfig
 from gateway.cors import Cors
+from gateway.logs import RateLimitFilter
 
 log = logging.getLogger("gateway")
 
-#: How long a worker may take to drain connections and flush spans on SIGTERM.
-SHUTDOWN_GRACE_S = 10.0
-#: A worker that dies within this many seconds of starting is crash-looping:
-#: after MAX_QUICK_DEATHS of those the parent gives up instead of spinning.
-QUICK_DEATH_S = 5.0
-MAX_QUICK_DEATHS = 5
+#: Parse errors and 502/504 lines: at most one log line per this interval.
+LOG_INTERVAL_S = 60.0
+#: The supervisor gives up when workers crash MAX_CRASHES times within
+#: CRASH_WINDOW_S (a crash loop); fewer, however many over days, are restarted.
+MAX_CRASHES = 5
+CRASH_WINDOW_S = 60.0
+#: What the parent allows on top of a worker's drain and flush before SIGKILL.
+KILL_MARGIN_S = 2.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="HMAC key for clock tokens, shared by replicas "
         "[GATEWAY_CLOCK_KEY] (default: random per start)",
     )
+    p.add_argument(
+        "--client-timeout-s",
+        help="cut a client idle, sending its request, or not reading the response for this "
+        "long [GATEWAY_CLIENT_TIMEOUT_S] (default 60)",
+    )
+    p.add_argument(
+        "--shutdown-timeout-s",
+        help="on SIGTERM, let in-flight requests finish for this long "
+        "[GATEWAY_SHUTDOWN_TIMEOUT_S] (default 10)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, help="[GATEWAY_LOG_LEVEL] (default info)")
     p.add_argument("--version", action="version", version=f"gateway {__version__}")
     return p
@@ -134,33 +151,24 @@ def _setup_logging(level: str) -> None:
     # Malformed requests are answered 400 by aiohttp's parser, which also logs
     # each one at ERROR with a traceback: a client could flood the log (and
     # block the loop on a slow log sink). One summary line a minute instead.
-    logging.getLogger("aiohttp.server").addFilter(_BadRequestLogFilter(60.0))
+    logging.getLogger("aiohttp.server").addFilter(_BadRequestLogFilter(LOG_INTERVAL_S))
+    # A down backend makes a 502/504 line per request: one a minute, counted.
+    logging.getLogger("gateway.upstream").addFilter(RateLimitFilter(LOG_INTERVAL_S))
 
 
-class _BadRequestLogFilter(logging.Filter):
-    """Turn aiohttp's per-request parse-error tracebacks into a periodic count."""
+class _BadRequestLogFilter(RateLimitFilter):
+    """aiohttp's per-request parse-error tracebacks as a periodic count."""
 
-    def __init__(self, interval_s: float) -> None:
-        super().__init__()
-        self._interval_s = interval_s
-        self._next_report = 0.0
-        self._count = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
+    def selects(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
-            return True
-        self._count += 1
-        now = time.monotonic()
-        if now < self._next_report:
-            return False
+        return isinstance(exc, HttpProcessingError)
+
+    def summarise(self, record: logging.LogRecord, suppressed: int) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
         record.msg = "rejected %d malformed request(s) with 400 (last: %s)"
-        record.args = (self._count, str(exc).splitlines()[0][:200])
+        record.args = (suppressed + 1, str(exc).splitlines()[0][:200])
         record.exc_info = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
-        self._count = 0
-        self._next_report = now + self._interval_s
-        return True
 
 
 def _check_bindable(host: str, port: int) -> None:
@@ -203,7 +211,7 @@ def run_worker(config: GatewayConfig) -> int:
 
     async def serve() -> None:
         sock = _listen_socket(config.host, config.port)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout_s)
         await runner.setup()
         site = web.SockSite(runner, sock)
         await site.start()
@@ -242,11 +250,44 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def kill_deadline_s(config: GatewayConfig) -> float:
+    """How long the parent waits for its workers after SIGTERM before SIGKILL.
+
+    A worker drains for ``shutdown_timeout_s`` (aiohttp rounds that up to the
+    next whole second), then flushes spans for at most
+    ``SHUTDOWN_FLUSH_TIMEOUT_S``; the parent's deadline covers both.
+    """
+    from gateway.telemetry import SHUTDOWN_FLUSH_TIMEOUT_S
+
+    return config.shutdown_timeout_s + 1.0 + SHUTDOWN_FLUSH_TIMEOUT_S + KILL_MARGIN_S
+
+
+class CrashWindow:
+    """Worker crashes in a sliding window: pure, the times are passed in.
+
+    ``record(now)`` counts a crash and says whether there have been
+    ``max_crashes`` within the last ``window_s`` seconds (time to give up):
+    a worker crashing now and then over days is restarted every time, a
+    crash loop is not restarted for ever.
+    """
+
+    def __init__(self, max_crashes: int = MAX_CRASHES, window_s: float = CRASH_WINDOW_S) -> None:
+        self.max_crashes = max_crashes
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def record(self, now: float) -> bool:
+        self._times.append(now)
+        while self._times[0] <= now - self.window_s:
+            self._times.popleft()
+        return len(self._times) >= self.max_crashes
+
+
 def _supervise(config: GatewayConfig) -> int:
     """Fork the workers, forward signals, restart crashed ones, wait for all."""
-    children: dict[int, float] = {}
+    children: set[int] = set()
     stopping = False
-    quick_deaths = 0
+    crashes = CrashWindow()
 
     def spawn() -> None:
         pid = os.fork()
@@ -260,7 +301,7 @@ def _supervise(config: GatewayConfig) -> int:
                 log.exception("worker failed")
             finally:
                 os._exit(code)
-        children[pid] = time.monotonic()
+        children.add(pid)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -278,7 +319,7 @@ def _supervise(config: GatewayConfig) -> int:
     exit_code = 0
     while children:
         if stopping and deadline is None:
-            deadline = time.monotonic() + SHUTDOWN_GRACE_S + 5
+            deadline = time.monotonic() + kill_deadline_s(config)
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
@@ -290,17 +331,21 @@ def _supervise(config: GatewayConfig) -> int:
                         os.kill(child, signal.SIGKILL)
             time.sleep(0.1)
             continue
-        started = children.pop(pid, None)
+        children.discard(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             continue
+        if crashes.record(time.monotonic()):
+            log.error(
+                "worker %d exited with %s: %d crashes within %.0f s, giving up",
+                pid,
+                code,
+                crashes.max_crashes,
+                crashes.window_s,
+            )
+            exit_code = 1
+            forward(signal.SIGTERM, None)
+            continue
         log.error("worker %d exited with %s; restarting it", pid, code)
-        if started is not None and time.monotonic() - started < QUICK_DEATH_S:
-            quick_deaths += 1
-            if quick_deaths >= MAX_QUICK_DEATHS:
-                log.error("workers keep dying right after start; giving up")
-                exit_code = 1
-                forward(signal.SIGTERM, None)
-                continue
         spawn()
     return exit_code

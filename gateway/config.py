@@ -67,6 +67,14 @@ class GatewayConfig:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     max_body_bytes: int = 10 * 1024 * 1024
+    # How long a client may stay silent: idle between requests, mid-headers,
+    # mid-body, or not reading our response (README "Operating it").
+    client_timeout_s: float = 60.0
+    # Bodies up to this size are read completely before the upstream call.
+    buffer_body_bytes: int = 1024 * 1024
+    # SIGTERM: how long in-flight requests may take to finish (spans are
+    # flushed after that, within their own bound).
+    shutdown_timeout_s: float = 10.0
     trusted_proxies: int = 0
     max_connections: int = 1024
     timing_rate: TimingRate = field(default_factory=TimingRate)
@@ -109,11 +117,15 @@ class GatewayConfig:
         for name, value in (
             ("GATEWAY_CONNECT_TIMEOUT_S", self.connect_timeout_s),
             ("GATEWAY_READ_TIMEOUT_S", self.read_timeout_s),
+            ("GATEWAY_CLIENT_TIMEOUT_S", self.client_timeout_s),
+            ("GATEWAY_SHUTDOWN_TIMEOUT_S", self.shutdown_timeout_s),
         ):
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
         if self.max_body_bytes < 0:
             raise ConfigError("GATEWAY_MAX_BODY_BYTES must not be negative")
+        if self.buffer_body_bytes < 0:
+            raise ConfigError("GATEWAY_BUFFER_BODY_BYTES must not be negative")
         if self.trusted_proxies < 0:
             raise ConfigError("GATEWAY_TRUSTED_PROXIES must not be negative")
         if self.max_connections < 1:
@@ -172,6 +184,24 @@ class GatewayConfig:
             read_timeout_s=pick("read_timeout_s", "GATEWAY_READ_TIMEOUT_S", _parse_float, 30.0),
             max_body_bytes=pick(
                 "max_body_bytes", "GATEWAY_MAX_BODY_BYTES", _parse_size, defaults.max_body_bytes
+            ),
+            client_timeout_s=pick(
+                "client_timeout_s",
+                "GATEWAY_CLIENT_TIMEOUT_S",
+                _parse_float,
+                defaults.client_timeout_s,
+            ),
+            buffer_body_bytes=pick(
+                "buffer_body_bytes",
+                "GATEWAY_BUFFER_BODY_BYTES",
+                _parse_size,
+                defaults.buffer_body_bytes,
+            ),
+            shutdown_timeout_s=pick(
+                "shutdown_timeout_s",
+                "GATEWAY_SHUTDOWN_TIMEOUT_S",
+                _parse_float,
+                defaults.shutdown_timeout_s,
             ),
             trusted_proxies=pick("trusted_proxies", "GATEWAY_TRUSTED_PROXIES", _parse_int, 0),
             max_connections=pick(

@@ -36,6 +36,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler
 from opentelemetry.util.re import parse_env_headers
 
+from gateway.logs import RateLimitFilter
+
 log = logging.getLogger(__name__)
 
 #: Where spans go when no OTLP endpoint is configured: the OTel default port,
@@ -63,34 +65,11 @@ _EXPORT_LOGGERS = (
 EXPORT_LOG_INTERVAL_S = 60.0
 
 
-class _RateLimitFilter(logging.Filter):
-    """Let one WARNING-or-worse record through per interval; count the rest."""
-
-    def __init__(self, interval_s: float) -> None:
-        super().__init__()
-        self._interval_s = interval_s
-        self._next_ok = 0.0
-        self._suppressed = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        now = time.monotonic()
-        if now < self._next_ok:
-            self._suppressed += 1
-            return False
-        if self._suppressed:
-            record.msg = f"{record.msg} ({self._suppressed} similar messages suppressed)"
-            self._suppressed = 0
-        self._next_ok = now + self._interval_s
-        return True
-
-
 def _install_export_log_limits() -> None:
     for name in _EXPORT_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _RateLimitFilter) for f in logger.filters):
-            logger.addFilter(_RateLimitFilter(EXPORT_LOG_INTERVAL_S))
+        if not any(isinstance(f, RateLimitFilter) for f in logger.filters):
+            logger.addFilter(RateLimitFilter(EXPORT_LOG_INTERVAL_S))
 
 
 #: With a Honeycomb key and no endpoint, spans go to Honeycomb.

@@ -23,6 +23,9 @@ def test_defaults_match_the_design_table() -> None:
     assert len(config.clock_key) == 32
     assert (config.connect_timeout_s, config.read_timeout_s) == (5.0, 30.0)
     assert config.max_body_bytes == 10 * 1024 * 1024
+    assert config.client_timeout_s == 60.0
+    assert config.buffer_body_bytes == 1024 * 1024
+    assert config.shutdown_timeout_s == 10.0
     assert config.trusted_proxies == 0
     assert config.max_connections == 1024
     assert config.timing_rate == TimingRate(20.0, 100)
@@ -47,8 +50,13 @@ def test_environment_values_are_parsed() -> None:
             "GATEWAY_TIMING_RATE": "5/s, burst 10",
             "GATEWAY_TRUST_CONTEXT": "LINK",
             "GATEWAY_READ_TIMEOUT_S": "2.5",
+            "GATEWAY_CLIENT_TIMEOUT_S": "15",
+            "GATEWAY_BUFFER_BODY_BYTES": "64KiB",
+            "GATEWAY_SHUTDOWN_TIMEOUT_S": "4.5",
         },
     )
+    assert (config.client_timeout_s, config.shutdown_timeout_s) == (15.0, 4.5)
+    assert config.buffer_body_bytes == 64 * 1024
     assert config.allowed_origins == ("https://app.example.com", "http://localhost:5173")
     assert config.clock_key == b"a-shared-secret-of-some-length"
     assert not config.clock_key_generated
@@ -96,6 +104,9 @@ def test_clock_key_never_in_repr() -> None:
         ({"GATEWAY_CONNECT_TIMEOUT_S": "-1"}, "positive number of seconds"),
         ({"GATEWAY_READ_TIMEOUT_S": "nan"}, "finite number"),
         ({"GATEWAY_MAX_BODY_BYTES": "10 parsecs"}, "must be a size"),
+        ({"GATEWAY_CLIENT_TIMEOUT_S": "0"}, "GATEWAY_CLIENT_TIMEOUT_S must be a positive"),
+        ({"GATEWAY_SHUTDOWN_TIMEOUT_S": "-3"}, "GATEWAY_SHUTDOWN_TIMEOUT_S must be a positive"),
+        ({"GATEWAY_BUFFER_BODY_BYTES": "lots"}, "GATEWAY_BUFFER_BODY_BYTES must be a size"),
         ({"GATEWAY_TRUSTED_PROXIES": "-2"}, "must not be negative"),
         ({"GATEWAY_MAX_CONNECTIONS": "0"}, "at least 1"),
         ({"GATEWAY_TIMING_RATE": "fast"}, "must look like '20/s, burst 100'"),

@@ -7,11 +7,14 @@ import asyncio
 import gzip
 import hashlib
 import json
+import socket
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import GatewayFactory, Traced
 from tests.servers import BackendThread, parse_head, raw_request
@@ -872,3 +875,170 @@ async def test_unknown_method_is_other_in_the_span(
     assert (client.attributes or {})["http.request.method"] == "_OTHER"
     assert (server.attributes or {})["http.request.method"] == "_OTHER"
     assert (server.attributes or {})["http.request.method_original"] == "PROPFIND"
+
+
+# -- protocol edges, answered as nginx answers them ----------------------------------
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
+async def test_unsupported_http_version_is_505_and_not_forwarded(
+    gateway: GatewayFactory, version: bytes
+) -> None:
+    # RFC 9110 §15.6.6: 505 for a major version the server does not support.
+    # aiohttp's parser hands these request lines over (HTTP/3.0 and HTTP/1.2 it
+    # refuses itself with a 400).
+    async with ScriptedUpstream({}) as up:
+        base = await gateway(upstream=up.url)
+        data = await _raw(base, b"GET /x " + version + b"\r\nHost: x\r\n\r\n", until_close=True)
+        status, _, body = parse_head(data)
+        assert status == 505
+        assert "not supported" in json.loads(body)["error"]
+        assert up.requests == []
+
+
+async def test_trace_is_405_with_allow_and_never_forwarded(
+    gateway: GatewayFactory, gateway_spans: Traced
+) -> None:
+    # RFC 9110 §9.3.8: TRACE reflects the request (cookies, credentials); a
+    # proxy may refuse it, nginx answers 405. RFC 9110 §15.5.6: a 405 carries
+    # Allow.
+    async with ScriptedUpstream({}) as up:
+        base = await gateway(upstream=up.url)
+        data = await _raw(base, b"TRACE /x HTTP/1.1\r\nHost: x\r\nCookie: secret=1\r\n\r\n")
+        status, headers, body = parse_head(data)
+        assert status == 405
+        allow = dict(headers)["Allow"]
+        assert "GET" in allow
+        assert "TRACE" not in allow
+        assert b"secret" not in body
+        assert up.requests == []
+    server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
+    assert (server.attributes or {})["http.response.status_code"] == 405
+    assert not [s for s in gateway_spans.spans() if s.kind.name == "CLIENT"]
+
+
+async def test_expect_continue_with_oversized_body_is_413_without_100(
+    gateway: GatewayFactory, backend: BackendThread
+) -> None:
+    # RFC 9110 §10.1.1: a server that will refuse the request from its head
+    # may answer at once instead of inviting the body with 100 (Continue).
+    base = await gateway(max_body_bytes=1000)
+    head = (
+        b"PUT /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    data = await _raw(base, head)
+    assert not data.startswith(b"HTTP/1.1 100"), data
+    status, _, _ = parse_head(data)
+    assert status == 413
+    assert backend.traced.spans() == []
+
+
+async def test_expect_continue_within_limits_gets_100_then_the_answer(
+    gateway: GatewayFactory,
+) -> None:
+    base = await gateway(max_body_bytes=1000)
+    head = b"PUT /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    port = _port(base)
+
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head)
+            interim = sock.recv(65536)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(b"hello")
+            out = b""
+            while b'"body_bytes"' not in out:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+            return out
+
+    data = await asyncio.to_thread(exchange)
+    status, _, body = parse_head(data)
+    assert status == 200
+    assert b'"body_bytes":5' in body
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nX-A: foo\rInjected: bar\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: foo\r\n Injected: bar\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["bare-cr", "obs-fold"],
+)
+async def test_upstream_header_with_cr_or_lf_never_becomes_a_header_of_its_own(
+    gateway: GatewayFactory, response: bytes
+) -> None:
+    # RFC 9110 §5.5 (no CR/LF in a value), RFC 9112 §5.2 (obs-fold becomes SP):
+    # either the value stays one field, or the answer is a 502.
+    async with ScriptedUpstream({"/h": fixed(response)}) as up:
+        base = await gateway(upstream=up.url)
+        data = await _raw(base, b"GET /h HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, headers, _ = parse_head(data)
+    assert status in (200, 502)
+    assert "injected" not in {name.lower() for name, _ in headers}
+    head = data.partition(b"\r\n\r\n")[0]
+    for split in (b"\rInjected", b"\nInjected", b"\n Injected"):
+        assert split not in head
+
+
+def test_response_headers_refuse_values_with_cr_or_lf() -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from gateway import proxy
+
+    for value in ("a\r\nInjected: 1", "a\rb", "a\nb"):
+        upstream = CIMultiDictProxy(CIMultiDict([("X-A", value)]))
+        with pytest.raises(proxy.BadUpstreamHeader, match="CR or LF"):
+            proxy.response_headers(upstream)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    method=st.sampled_from([b"GET", b"POST", b"PUT", b"TRACE", b"PATCH"]),
+    version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/3.0"]),
+    expect=st.one_of(
+        st.none(),
+        st.just(b"100-continue"),
+        st.binary(max_size=24).filter(lambda b: not set(b) & set(b"\r\n\x00")),
+    ),
+    length=st.integers(min_value=0, max_value=3000),
+)
+async def test_request_line_and_expect_fuzz_never_500(
+    gateway: GatewayFactory, method: bytes, version: bytes, expect: bytes | None, length: int
+) -> None:
+    """Fuzz the new protocol edges over a real socket: any method, version,
+    Expect value and declared size gets an HTTP answer, never a 500."""
+    base = await gateway(max_body_bytes=1000)
+    head = b"%s /api/echo %s\r\nHost: x\r\nConnection: close\r\n" % (method, version)
+    head += b"Content-Length: %d\r\n" % length
+    if expect is not None:
+        head += b"Expect: " + expect + b"\r\n"
+    data = await _raw(base, head + b"\r\n" + b"x" * length, until_close=True)
+    if data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):
+        data = data[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+    status, _, _ = parse_head(data)
+    assert status < 500 or status == 505, data[:200]
+
+
+async def test_the_gateways_own_error_is_readable_by_an_allowed_page(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    base = await gateway(upstream="http://127.0.0.1:9")  # nothing listens there
+    origin = "http://localhost:3000"
+    async with http.get(base + "/api/x", headers={"Origin": origin}) as resp:
+        assert resp.status == 502
+        body = await resp.json()
+        # The page can read the gateway's own JSON (and its trace id)…
+        assert resp.headers["Access-Control-Allow-Origin"] == origin
+        assert "Server-Timing" in resp.headers["Access-Control-Expose-Headers"]
+        # …but no credentials: those are the backend's to grant.
+        assert "Access-Control-Allow-Credentials" not in resp.headers
+    assert body["error"] == "upstream unreachable"
+    async with http.get(base + "/api/x", headers={"Origin": "http://evil.example"}) as resp:
+        assert resp.status == 502
+        assert "Access-Control-Allow-Origin" not in resp.headers

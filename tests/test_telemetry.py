@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanContext
 
 from gateway import telemetry
+from gateway.logs import RateLimitFilter
 from tests.otlp_receiver import OtlpReceiver
 
 
@@ -104,7 +105,7 @@ def test_sampler_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_export_failure_logs_are_rate_limited() -> None:
-    limiter = telemetry._RateLimitFilter(interval_s=3600)
+    limiter = RateLimitFilter(interval_s=3600)
     records = [
         logging.LogRecord("x", logging.WARNING, __file__, 1, "export failed", None, None)
         for _ in range(50)
