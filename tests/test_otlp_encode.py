@@ -33,14 +33,13 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceSt
 from opentelemetry.trace.status import Status, StatusCode
 from opentelemetry.util.types import Attributes
 
-from gateway import beacon
 from latency_common import otlp_exporter
 from latency_common.otlp_encode import encode_spans, encode_spans_dropping_invalid
 from latency_common.otlp_exporter import FastOTLPSpanExporter
 from tests.conftest import GatewayFactory, Traced
 from tests.otlp_receiver import OtlpReceiver
-from tests.test_beacon import KEY as BEACON_KEY
 from tests.test_beacon import T as BEACON_T
+from tests.test_beacon import _build as build_beacon_span
 from tests.test_beacon import _entry as beacon_entry
 from tests.test_latency import ScriptedSnippet
 
@@ -309,12 +308,7 @@ async def _gateway_spans(
     dead = await gateway(upstream="http://127.0.0.1:9")
     async with http.post(dead + "/api/x", data=b"body") as resp:
         assert resp.status == 502
-    span, reason = beacon.build_span(
-        beacon_entry(),
-        key=BEACON_KEY,
-        now_ms=BEACON_T + 5_000,
-        resource=beacon.browser_resource("browser"),
-    )
+    span, reason = build_beacon_span(beacon_entry(), BEACON_T + 5_000)
     assert span is not None, reason
     spans_ = [*gateway_spans.spans(), span, *gateway_spans.spans()]
     kinds = {s.kind for s in spans_}
