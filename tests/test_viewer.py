@@ -632,6 +632,36 @@ async def test_span_data_is_escaped(viewer: ViewerServer, client: aiohttp.Client
         assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
 
 
+async def test_route_names_are_escaped_on_the_latency_page(
+    viewer: ViewerServer, client: aiohttp.ClientSession
+) -> None:
+    # The route comes from the backend span's http.route: any backend (or
+    # anyone who can post OTLP) chooses it, so /latency escapes it like the
+    # other pages.
+    evil = '<script>alert("route")</script>'
+    now = time.time_ns()
+    gateway_attrs = {"latency.status": "ok", "latency.uplink_ms": 12.5, "latency.rtt_ms": 30.0}
+    spans = [
+        record(
+            41, 0, service="gateway", name="GET", kind=2, start_ns=now, attributes=gateway_attrs
+        ),
+        record(
+            41,
+            1,
+            parent_no=0,
+            service="backend",
+            name=evil,
+            kind=2,
+            start_ns=now + MS,
+            attributes={"http.route": evil},
+        ),
+    ]
+    await asyncio.to_thread(viewer.store.insert, spans)
+    page = await get_text(client, f"{viewer.url}/latency")
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(&quot;route&quot;)&lt;/script&gt;" in page
+
+
 async def test_latency_page_and_api_per_route(
     viewer: ViewerServer, client: aiohttp.ClientSession
 ) -> None:
