@@ -27,7 +27,7 @@ run: $(VENV)/.runtime  ## start backend (:4567) and gateway (:8080); Ctrl-C stop
 lint: $(VENV)/.dev  ## ruff, ruff format --check, mypy --strict
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy gateway backend
+	$(PY) -m mypy gateway viewer backend latency_common
 
 # Real-browser and load-balancer tests drive Debian's chromium and nginx
 # (never a downloaded binary).

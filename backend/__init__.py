@@ -1,7 +1,7 @@
 """The example backend: a Cruddur-like Flask API instrumented with OpenTelemetry.
 
 What this package is for: the upstream the gateway is demonstrated and tested
-against (DESIGN.md §8). ``backend.app.create_app`` is the app factory,
+against (README "Backend"). ``backend.app.create_app`` is the app factory,
 ``python -m backend`` (``backend.cli``) serves it with werkzeug, and
 ``backend.wsgi:app`` is the entry point for gunicorn.
 

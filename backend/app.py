@@ -43,7 +43,7 @@ from werkzeug.routing import Rule
 from werkzeug.wrappers import Response as BaseResponse
 
 from backend.data import DEMO_USER_ID, home_activities
-from gateway.redact import QueryRedactor
+from latency_common.redact import QueryRedactor
 
 MAX_SLOW_MS = 60_000
 MAX_BYTES = 2 * 1024**3
@@ -87,7 +87,7 @@ CORS_METHODS = ("OPTIONS", "GET", "HEAD", "POST")
 CORS_ALLOW_HEADERS = frozenset({"content-type", "if-modified-since"})
 CORS_EXPOSE_HEADERS = "location, link"
 #: Extra query keys to redact in spans, comma-separated, on top of the
-#: gateway's default list (``gateway.redact.DEFAULT_SENSITIVE_QUERY_KEYS``).
+#: gateway's default list (``latency_common.redact.DEFAULT_SENSITIVE_QUERY_KEYS``).
 REDACT_QUERY_PARAMS_ENV = "BACKEND_REDACT_QUERY_PARAMS"
 
 

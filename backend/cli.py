@@ -176,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from opentelemetry.propagate import set_global_textmap
 
     from backend.app import create_app
-    from gateway.telemetry import build_tracer_provider, shutdown_tracer_provider
-    from gateway.tracestate import global_propagator
+    from latency_common.telemetry import build_tracer_provider, shutdown_tracer_provider
+    from latency_common.tracestate import global_propagator
 
     provider = build_tracer_provider("backend")
     # W3C Trace Context Level 2 tracestate rules for the Flask and requests

@@ -22,6 +22,6 @@ accesslog = None
 
 def worker_exit(server: Any, worker: Any) -> None:
     from backend import wsgi
-    from gateway.telemetry import shutdown_tracer_provider
+    from latency_common.telemetry import shutdown_tracer_provider
 
     shutdown_tracer_provider(wsgi.provider)

@@ -21,8 +21,8 @@ from opentelemetry.propagate import set_global_textmap
 
 from backend.app import DEFAULT_FRONTEND_ORIGINS, create_app, parse_frontend_url
 from backend.cli import TRUE_VALUES
-from gateway.telemetry import build_tracer_provider
-from gateway.tracestate import global_propagator
+from latency_common.telemetry import build_tracer_provider
+from latency_common.tracestate import global_propagator
 
 provider = build_tracer_provider("backend")
 # W3C Trace Context Level 2 tracestate rules for the Flask and requests

@@ -1,6 +1,6 @@
-"""OTLP span encoding: the official encoder against gateway/otlp_encode.py.
+"""OTLP span encoding: the official encoder against latency_common/otlp_encode.py.
 
-What it is for: the figures behind gateway/otlp_encode.py. On the gateway's
+What it is for: the figures behind latency_common/otlp_encode.py. On the gateway's
 own spans (the SERVER span of a timed snippet request, every ``latency.*``
 attribute set, and its CLIENT span), it times both encoders per batch of 1,
 16, 64 and 512 spans in one run (timeit on the thread's CPU time, median of
@@ -42,7 +42,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from gateway.otlp_encode import encode_spans
+from latency_common.otlp_encode import encode_spans
 
 BATCH_SIZES = (1, 16, 64, 512)
 PROBE_SLEEP_S = 0.0002

@@ -6,7 +6,7 @@ tallies the gateway SERVER spans' ``latency.status`` (proof that the latency
 checks ran under load) and, with ``--keep``, remembers the ``latency.*``
 attributes of SERVER spans by trace id for the accuracy runs.
 
-Not for: storing traces (``gateway.viewer`` is that) or tests
+Not for: storing traces (``viewer`` is that) or tests
 (``tests/otlp_receiver.py``).
 
     python benchmarks/otlp_sink.py --port P [--keep]

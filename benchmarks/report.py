@@ -575,7 +575,7 @@ def _scaling(
         "",
         "Span export batch size (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`; the gateway's default "
         "is 64). The processor thread encodes a whole batch while holding the GIL, "
-        "stalling the event loop (DESIGN §9):",
+        "stalling the event loop (ARCHITECTURE.md §11):",
         "",
     ]
     rows = []

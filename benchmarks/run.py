@@ -2,7 +2,7 @@
 measured side by side in one run; writes benchmarks/RESULTS.md and
 benchmarks/overhead.png and prints the tables.
 
-What it is for: the numbers behind DESIGN §9 and issue 12, on this machine,
+What it is for: the numbers behind ARCHITECTURE.md §11 and issue 12, on this machine,
 against nginx, a bare aiohttp proxy and a gunicorn Flask + requests proxy.
 It installs what it needs when missing (Debian ``wrk`` and ``nginx-light``,
 the pinned ``benchmarks/requirements.txt`` into this venv, the footprint's
@@ -49,7 +49,7 @@ import viewer_bench  # noqa: E402
 from harness import BENCH, ROOT, Procs, log  # noqa: E402
 from report import Case  # noqa: E402
 
-from gateway.viewer.store import DEFAULT_MAX_SPANS  # noqa: E402
+from viewer.store import DEFAULT_MAX_SPANS  # noqa: E402
 
 ALL = (1, 16, 64)
 

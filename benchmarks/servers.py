@@ -212,7 +212,7 @@ def bare_aiohttp(procs: Procs, upstream: str, *, workers: int) -> Server:
     return Server("bare-aiohttp", url, proc)
 
 
-#: gunicorn gthread as DESIGN §2 measured it (and as the backend is deployed):
+#: gunicorn gthread as ARCHITECTURE.md §2 measured it (and as the backend is deployed):
 #: 2 worker processes × 8 threads.
 GUNICORN_WORKERS = 2
 GUNICORN_THREADS = 8

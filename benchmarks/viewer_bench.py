@@ -1,7 +1,7 @@
 """The local viewer when full: every page's time and the server's memory at
 the retention limit; writes the "Viewer when full" section of RESULTS.md.
 
-What it is for: the claim that each page of ``python -m gateway.viewer``
+What it is for: the claim that each page of ``python -m viewer``
 (``/``, ``/traces/<id>``, ``/latency``, the ``/api/*`` JSON) answers in
 under 300 ms with the store at its default retention limit. It fills a
 SQLite store with 200 000 spans (50 000 traces as the stack exports them:
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import BENCH, Procs, free_port, log, python, wait_http
 
-from gateway.viewer.spans import SpanRecord
-from gateway.viewer.store import DEFAULT_MAX_SPANS, Store
+from viewer.spans import SpanRecord
+from viewer.store import DEFAULT_MAX_SPANS, Store
 
 TARGET_MS = 300.0
 SPANS_PER_TRACE = 4
@@ -198,7 +198,7 @@ def run(spans: int = DEFAULT_MAX_SPANS, requests: int = 7) -> Result:
     try:
         viewer = procs.start(
             "viewer",
-            [python(), "-m", "gateway.viewer", "--port", str(port), "--db", str(db)],
+            [python(), "-m", "viewer", "--port", str(port), "--db", str(db)],
         )
         wait_http(f"http://127.0.0.1:{port}/api/traces?limit=1", viewer)
         load_average = os.getloadavg()[0]

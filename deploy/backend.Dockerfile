@@ -11,7 +11,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install -r requirements.txt
 
-COPY gateway/ gateway/
+COPY latency_common/ latency_common/
 COPY backend/ backend/
 COPY frontend-snippet/demo/ frontend-snippet/demo/
 

@@ -11,6 +11,8 @@ COPY requirements.txt .
 RUN pip install -r requirements.txt
 
 COPY gateway/ gateway/
+COPY viewer/ viewer/
+COPY latency_common/ latency_common/
 COPY frontend-snippet/snippet.js frontend-snippet/snippet.js
 
 RUN useradd --system --uid 10001 --create-home app && mkdir -p /data && chown app /data

@@ -51,13 +51,14 @@ from gateway import __version__, context, measure, proxy, timing
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
 from gateway.http import json_error, method_attribute, ms, span_name
-from gateway.redact import QueryRedactor
 from gateway.reserved import Reserved
-from gateway.telemetry import Telemetry
+from latency_common import attributes as attr
+from latency_common.redact import QueryRedactor
+from latency_common.telemetry import Telemetry
 
 log = logging.getLogger("gateway")
 #: 502/504 lines: a down backend makes one per request, so the CLI rate-limits
-#: this logger (``gateway.logs.RateLimitFilter``).
+#: this logger (``latency_common.logs.RateLimitFilter``).
 upstream_log = logging.getLogger("gateway.upstream")
 
 #: What a TRACE request is answered with instead (RFC 9110 §9.3.8: TRACE
@@ -65,7 +66,7 @@ upstream_log = logging.getLogger("gateway.upstream")
 #: answers 405). ``Allow`` must list the supported methods (RFC 9110 §15.5.6).
 ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
 
-#: Reserved prefix, never forwarded (DESIGN §4).
+#: Reserved prefix, never forwarded (ARCHITECTURE.md §3).
 RESERVED_PREFIX: Final = "/__gateway/"
 
 #: aiohttp's application keys.
@@ -79,7 +80,7 @@ class _ProxyResponse(web.StreamResponse):
 
     aiohttp fills in ``Content-Type: application/octet-stream`` and its own
     ``Server`` when a response lacks them; a transparent proxy must pass the
-    upstream's absence on (DESIGN §4: "adds no default Content-Type").
+    upstream's absence on (ARCHITECTURE.md §3: "adds no default Content-Type").
     ``Date`` is still added when missing, as RFC 9110 §6.6.1 asks of a
     recipient with a clock.
     """
@@ -127,7 +128,7 @@ class Gateway:
             ttl_dns_cache=60,
             enable_cleanup_closed=False,
         )
-        # DESIGN §4: no shared cookie jar, no proxy variables from the
+        # ARCHITECTURE.md §3: no shared cookie jar, no proxy variables from the
         # environment, no automatic decompression, no added default headers.
         self.session = aiohttp.ClientSession(
             connector=connector,
@@ -409,17 +410,17 @@ class Gateway:
         self, headers: CIMultiDict[str], exchange: _Exchange, upstream_ns: int | None
     ) -> None:
         """Server-Timing, X-Gateway-Clock and CORS, just before the headers go
-        out: this is t2 (DESIGN §5, §6)."""
+        out: this is t2 (ARCHITECTURE.md §3, §6)."""
         span = exchange.server_span
         gw_ns = time.perf_counter_ns() - exchange.t1_perf
         # W3C Server Timing: gw is t2 − t1 (receipt to response headers, the
         # upstream wait included), upstream the part spent waiting for the
-        # upstream's headers (DESIGN §5).
+        # upstream's headers (ARCHITECTURE.md §3).
         timing_value = f"gw;dur={ms(gw_ns)}"
         if upstream_ns is not None:
             timing_value += f", upstream;dur={ms(upstream_ns)}"
-            span.set_attribute("latency.upstream_ms", ms(upstream_ns))
-        span.set_attribute("latency.gateway_ms", ms(gw_ns))
+            span.set_attribute(attr.UPSTREAM_MS, ms(upstream_ns))
+        span.set_attribute(attr.GATEWAY_MS, ms(gw_ns))
         uplink = measure.server_timing(exchange.verdict)
         if uplink is not None:
             timing_value += ", " + uplink

@@ -40,7 +40,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from gateway import timing
 from gateway.http import method_attribute, span_name
-from gateway.redact import QueryRedactor
+from latency_common import attributes as attr
+from latency_common.redact import QueryRedactor
 
 #: sendBeacon bodies are capped at 64 KiB by browsers anyway (Fetch standard,
 #: keepalive quota); anything larger is not from our snippet.
@@ -221,7 +222,7 @@ def build_span(
         attributes={
             "http.request.method": known,
             "url.full": redactor.url(url),
-            "latency.source": "beacon",
+            attr.SOURCE: "beacon",
         },
         events=events,
         kind=SpanKind.CLIENT,

@@ -31,12 +31,11 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import __version__
 from gateway.config import LOG_LEVELS, TRUST_MODES, ConfigError, GatewayConfig
 from gateway.cors import Cors
-from gateway.logs import RateLimitFilter
+from latency_common.logs import BadRequestLogFilter, RateLimitFilter
 
 log = logging.getLogger("gateway")
 
@@ -151,24 +150,9 @@ def _setup_logging(level: str) -> None:
     # Malformed requests are answered 400 by aiohttp's parser, which also logs
     # each one at ERROR with a traceback: a client could flood the log (and
     # block the loop on a slow log sink). One summary line a minute instead.
-    logging.getLogger("aiohttp.server").addFilter(_BadRequestLogFilter(LOG_INTERVAL_S))
+    logging.getLogger("aiohttp.server").addFilter(BadRequestLogFilter(LOG_INTERVAL_S))
     # A down backend makes a 502/504 line per request: one a minute, counted.
     logging.getLogger("gateway.upstream").addFilter(RateLimitFilter(LOG_INTERVAL_S))
-
-
-class _BadRequestLogFilter(RateLimitFilter):
-    """aiohttp's per-request parse-error tracebacks as a periodic count."""
-
-    def selects(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return isinstance(exc, HttpProcessingError)
-
-    def summarise(self, record: logging.LogRecord, suppressed: int) -> None:
-        exc = record.exc_info[1] if record.exc_info else None
-        record.msg = "rejected %d malformed request(s) with 400 (last: %s)"
-        record.args = (suppressed + 1, str(exc).splitlines()[0][:200])
-        record.exc_info = None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
 
 
 def _check_bindable(host: str, port: int) -> None:
@@ -203,7 +187,7 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 def run_worker(config: GatewayConfig) -> int:
     """Serve until SIGTERM/SIGINT in this process; return the exit code."""
     from gateway.app import create_app
-    from gateway.telemetry import ALWAYS_ON, build_telemetry, shutdown_tracer_provider
+    from latency_common.telemetry import ALWAYS_ON, build_telemetry, shutdown_tracer_provider
 
     telemetry = build_telemetry("gateway", default_sampler=ALWAYS_ON)
     provider = telemetry.provider
@@ -257,7 +241,7 @@ def kill_deadline_s(config: GatewayConfig) -> float:
     next whole second), then flushes spans for at most
     ``SHUTDOWN_FLUSH_TIMEOUT_S``; the parent's deadline covers both.
     """
-    from gateway.telemetry import SHUTDOWN_FLUSH_TIMEOUT_S
+    from latency_common.telemetry import SHUTDOWN_FLUSH_TIMEOUT_S
 
     return config.shutdown_timeout_s + 1.0 + SHUTDOWN_FLUSH_TIMEOUT_S + KILL_MARGIN_S
 

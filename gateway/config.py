@@ -1,6 +1,6 @@
 """Gateway configuration: one frozen dataclass, read from flags, environment and defaults.
 
-Precedence is flag > environment variable > default (DESIGN §2, as the OTel
+Precedence is flag > environment variable > default (ARCHITECTURE.md §2, as the OTel
 BatchSpanProcessor does it). Every bad value raises :class:`ConfigError` with a
 one-line message naming the variable or flag and what would be accepted; the
 CLI turns it into ``gateway: error: …`` and exit code 2, never a traceback.
@@ -81,7 +81,7 @@ class GatewayConfig:
     log_level: str = "info"
     browser_service_name: str = "browser"
     #: Query keys whose values are redacted in exported URLs, on top of
-    #: ``gateway.redact.DEFAULT_SENSITIVE_QUERY_KEYS``.
+    #: ``latency_common.redact.DEFAULT_SENSITIVE_QUERY_KEYS``.
     redact_query_params: tuple[str, ...] = ()
 
     @property

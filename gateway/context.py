@@ -4,7 +4,7 @@ What it is for: deciding which trace the gateway's SERVER span joins, from
 the headers a client sent, and writing exactly one fresh context for the
 upstream. ``traceparent`` and B3 are parsed by the OTel propagators (W3C
 ``tracecontext`` first, then B3 single and multi); ``tracestate`` by
-``gateway.tracestate`` (W3C Trace Context Level 2 rules, which OTel's Level 1
+``latency_common.tracestate`` (W3C Trace Context Level 2 rules, which OTel's Level 1
 key grammar does not follow). This module adds the gateway's policy (README,
 "Trace context"):
 
@@ -41,8 +41,8 @@ from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway import tracestate
 from gateway.config import TrustMode
+from latency_common import tracestate
 
 #: Inbound propagation headers, never forwarded: the gateway injects its own.
 PROPAGATION_HEADERS: Final = frozenset(

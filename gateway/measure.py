@@ -23,6 +23,7 @@ from opentelemetry.trace import Span, SpanContext, get_current_span
 from gateway import timing
 from gateway.config import GatewayConfig
 from gateway.context import InboundContext
+from latency_common import attributes as attr
 
 log = logging.getLogger("gateway.timing")
 
@@ -116,25 +117,25 @@ def server_timing(verdict: timing.Verdict) -> str | None:
 
 
 _ATTRIBUTES: Final = (
-    ("latency.uplink_ms", "uplink_ms"),
-    ("latency.uplink_error_ms", "uplink_error_ms"),
-    ("latency.uplink_upper_bound_ms", "upper_bound_ms"),
-    ("latency.rtt_ms", "rtt_ms"),
-    ("latency.pre_request_ms", "pre_request_ms"),
-    ("latency.clock_offset_bucket", "offset_bucket"),
-    ("latency.sync_delay_ms", "sync_delay_ms"),
-    ("latency.sync_age_ms", "sync_age_ms"),
+    (attr.UPLINK_MS, "uplink_ms"),
+    (attr.UPLINK_ERROR_MS, "uplink_error_ms"),
+    (attr.UPLINK_UPPER_BOUND_MS, "upper_bound_ms"),
+    (attr.RTT_MS, "rtt_ms"),
+    (attr.PRE_REQUEST_MS, "pre_request_ms"),
+    (attr.CLOCK_OFFSET_BUCKET, "offset_bucket"),
+    (attr.SYNC_DELAY_MS, "sync_delay_ms"),
+    (attr.SYNC_AGE_MS, "sync_age_ms"),
 )
 
 
 def record(span: Span, verdict: timing.Verdict) -> None:
     """The ``latency.*`` attributes (never the raw offset)."""
     attributes: dict[str, Any] = {
-        "latency.status": verdict.status,
-        "latency.reason": verdict.reason,
+        attr.STATUS: verdict.status,
+        attr.REASON: verdict.reason,
     }
     if verdict.status not in ("absent", "rate_limited", "invalid"):
-        attributes["latency.trust"] = verdict.trust
+        attributes[attr.TRUST] = verdict.trust
         for key, field in _ATTRIBUTES:
             value = getattr(verdict, field)
             if value is not None:

@@ -60,7 +60,7 @@ MAX_HEADER_COUNT: Final = 100
 MAX_TARGET_BYTES: Final = 8 * 1024
 
 #: aiohttp's own parser answers 400 past these; they sit above our limits so
-#: that our 431/414 answer first (DESIGN §4).
+#: that our 431/414 answer first (ARCHITECTURE.md §3).
 PARSER_LIMITS: Final = {
     "max_line_size": 2 * MAX_TARGET_BYTES,
     "max_field_size": 2 * MAX_FIELD_BYTES,

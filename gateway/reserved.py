@@ -30,10 +30,10 @@ from gateway import __version__, beacon, measure, proxy, timing
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
 from gateway.http import JSON, json_error, ms
-from gateway.redact import QueryRedactor
+from latency_common.redact import QueryRedactor
 
 if TYPE_CHECKING:
-    from gateway.telemetry import Telemetry
+    from latency_common.telemetry import Telemetry
 
 #: The snippet file, served at /__gateway/snippet.js (classic script) and
 #: /__gateway/snippet.mjs (the same file with an ES module footer).

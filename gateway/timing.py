@@ -30,7 +30,7 @@ Trust = Literal["server_bounded", "client_only"]
 
 # -- thresholds, each with the reason for its value ---------------------------
 
-#: DESIGN §6: each timing header is capped at 512 bytes; a longer one is
+#: ARCHITECTURE.md §6: each timing header is capped at 512 bytes; a longer one is
 #: invalid before any parsing (a parser never sees attacker-sized input).
 MAX_HEADER_BYTES: Final = 512
 #: An uplink longer than this is not a network latency but a stalled or lying
@@ -61,7 +61,7 @@ HONEST_RATE: Final = 600e-6
 SLEW_RATE: Final = 83_333e-6
 SLEW_MAX_MS: Final = 1_000.0
 ROUNDING_MS: Final = 1.0
-#: A clock token older than this gives no bound (DESIGN §6): long enough for a
+#: A clock token older than this gives no bound (ARCHITECTURE.md §6): long enough for a
 #: page that makes a request every few minutes, short enough that a replayed
 #: token only loosens the bound of a recent request.
 TOKEN_MAX_AGE_MS: Final = 10 * 60 * 1000.0
@@ -78,7 +78,7 @@ OFFSET_BUCKETS: Final = ((1_000.0, "<1s"), (60_000.0, "<1m"), (3_600_000.0, "<1h
 
 # -- header parsing ----------------------------------------------------------------
 
-# DESIGN §6: time values are epoch milliseconds with up to 3 decimals. An RFC
+# ARCHITECTURE.md §6: time values are epoch milliseconds with up to 3 decimals. An RFC
 # 8941 Decimal allows 12 integer digits; epoch ms need 13, so we accept 13.
 _NUMBER: Final = r"-?\d{1,13}(?:\.\d{1,3})?"
 _TIMESTAMP_RE: Final = re.compile(r"\d{1,13}(?:\.\d{1,3})?")
@@ -510,7 +510,7 @@ def evaluate(
     key: bytes,
     previous_keys: tuple[bytes, ...] = (),
 ) -> Verdict:
-    """The verdict for one request (DESIGN §6); never raises.
+    """The verdict for one request (ARCHITECTURE.md §6); never raises.
 
     ``timestamp``, ``clock`` and ``prev`` are the header's field values as
     received (empty when absent).

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     frontend_url = os.environ.get("FRONTEND_URL", demo_origins)
     # In start order, each with the URL that says it is up.
     components = [
-        ("viewer", ["gateway.viewer", "--port", str(args.viewer_port)], viewer_url + "/"),
+        ("viewer", ["viewer", "--port", str(args.viewer_port)], viewer_url + "/"),
         (
             "backend",
             ["backend", "--port", str(args.backend_port), "--frontend-url", frontend_url],

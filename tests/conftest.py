@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from backend.app import instrument_requests
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from gateway.telemetry import Telemetry
+from latency_common.telemetry import Telemetry
 from tests.otlp_receiver import OtlpReceiver
 from tests.servers import BackendThread, Process
 

@@ -17,8 +17,8 @@ import pytest
 from opentelemetry.sdk.resources import Resource
 
 from gateway import beacon
-from gateway.redact import QueryRedactor
 from gateway.timing import make_bind, make_token
+from latency_common.redact import QueryRedactor
 from tests.conftest import GatewayFactory, Traced
 from tests.otlp_receiver import OtlpReceiver
 from tests.servers import Process

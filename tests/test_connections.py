@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 
 from gateway.cli import CrashWindow, kill_deadline_s
 from gateway.config import GatewayConfig
-from gateway.logs import RateLimitFilter
 from gateway.proxy import StallTimer
+from latency_common.logs import RateLimitFilter
 from tests.conftest import GatewayFactory, Traced
 from tests.otlp_receiver import OtlpReceiver
 from tests.servers import ROOT, BackendThread, Process, free_port, parse_head

@@ -16,9 +16,10 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-from gateway import context, tracestate
+from gateway import context
 from gateway.config import TrustMode
 from gateway.context import InboundContext
+from latency_common import tracestate
 
 TRACE_ID = "12345678901234567890123456789012"
 PARENT_ID = "1234567890123456"
@@ -203,7 +204,7 @@ def test_invalid_traceparent_means_tracestate_is_not_parsed() -> None:
 # -- tracestate ---------------------------------------------------------------
 #
 # The grammar itself (one case per Level 2 rule) is tested on
-# ``gateway.tracestate.parse`` in test_tracestate.py; these check that
+# ``latency_common.tracestate.parse`` in test_tracestate.py; these check that
 # extract applies it, and when.
 
 

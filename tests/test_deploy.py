@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from gateway import timing
-from gateway.redact import DEFAULT_SENSITIVE_QUERY_KEYS
+from latency_common.redact import DEFAULT_SENSITIVE_QUERY_KEYS
 from tests.browser import chromium
 from tests.servers import ROOT, free_port
 
@@ -65,7 +65,7 @@ def test_compose_wires_the_stack_together() -> None:
     assert collector["image"].split(":")[1][0].isdigit(), "pin the image"
     assert collector["environment"]["HONEYCOMB_API_KEY"].startswith("${HONEYCOMB_API_KEY")
     viewer_command = services["viewer"]["command"]
-    assert viewer_command[:3] == ["python", "-m", "gateway.viewer"]
+    assert viewer_command[:3] == ["python", "-m", "viewer"]
     # The collector posts to http://viewer:4318: that Host must pass the
     # viewer's DNS-rebinding check.
     assert viewer_command[viewer_command.index("--allowed-hosts") + 1] == "viewer"

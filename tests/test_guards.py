@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.resources import Resource
 
 from gateway import beacon
-from gateway.redact import QueryRedactor
 from gateway.timing import make_bind, make_token
+from latency_common.redact import QueryRedactor
 from tests.conftest import GatewayFactory, Traced, start_upstream
 from tests.otlp_receiver import OtlpReceiver
 from tests.servers import BackendThread, Process

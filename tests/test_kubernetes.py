@@ -20,9 +20,10 @@ import pytest
 import yaml
 from aiohttp import ClientSession
 
-from gateway import __version__, telemetry
+from gateway import __version__
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from latency_common import telemetry
 from scripts import sync_collector_config
 from tests.conftest import GatewayFactory, make_traced
 from tests.servers import ROOT

@@ -1,5 +1,5 @@
-"""The fast OTLP encoder (gateway/otlp_encode.py) against the official one, and
-the exporter built on it (gateway/otlp_exporter.py) against a real receiver.
+"""The fast OTLP encoder (latency_common/otlp_encode.py) against the official one, and
+the exporter built on it (latency_common/otlp_exporter.py) against a real receiver.
 
 The reference is opentelemetry-exporter-otlp-proto-common's ``encode_spans``,
 the encoder the SDK's OTLPSpanExporter uses: for any span, ours must parse to
@@ -33,9 +33,9 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceSt
 from opentelemetry.trace.status import Status, StatusCode
 from opentelemetry.util.types import Attributes
 
-from gateway import otlp_exporter
-from gateway.otlp_encode import encode_spans, encode_spans_dropping_invalid
-from gateway.otlp_exporter import FastOTLPSpanExporter
+from latency_common import otlp_exporter
+from latency_common.otlp_encode import encode_spans, encode_spans_dropping_invalid
+from latency_common.otlp_exporter import FastOTLPSpanExporter
 from tests.conftest import GatewayFactory, Traced
 from tests.otlp_receiver import OtlpReceiver
 from tests.test_beacon import T as BEACON_T
@@ -277,11 +277,11 @@ def test_an_attribute_out_of_int64_is_left_out_with_one_warning_and_no_traceback
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     spans_ = [_span(attributes={"big": 2**64, "kept": 1, f"odd.{i}": object()}) for i in range(3)]
-    with caplog.at_level(logging.WARNING, logger="gateway.otlp_wire"):
+    with caplog.at_level(logging.WARNING, logger="latency_common.otlp_wire"):
         body = assert_same_request(spans_)
     sent = Request.FromString(body).resource_spans[0].scope_spans[0].spans
     assert [[a.key for a in s.attributes] for s in sent] == [["kept"]] * 3
-    ours = [r for r in caplog.records if r.name == "gateway.otlp_wire"]
+    ours = [r for r in caplog.records if r.name == "latency_common.otlp_wire"]
     # One line per bad key, however many spans carry it.
     assert sum("'big'" in r.getMessage() for r in ours) == 1
     assert all(r.exc_info is None for r in ours)
@@ -418,7 +418,7 @@ async def test_exporter_drops_only_the_span_that_cannot_be_encoded(
 def test_the_sdk_exporter_still_serialises_through_its_encode_spans_global() -> None:
     """FastOTLPSpanExporter replaces the global ``encode_spans`` in a copy of
     ``OTLPSpanExporter.export``. When a new SDK stops serialising that way,
-    this fails: re-read its ``export`` and adapt gateway/otlp_exporter.py."""
+    this fails: re-read its ``export`` and adapt latency_common/otlp_exporter.py."""
     code = OTLPSpanExporter.export.__code__
     assert otlp_exporter.SDK_ENCODER_NAME in code.co_names
     assert "SerializePartialToString" in code.co_names

@@ -30,8 +30,8 @@ from yarl import URL
 
 from gateway.app import create_app, mark_stopping
 from gateway.config import ConfigError, GatewayConfig
-from gateway.redact import REDACTED
 from gateway.reserved import is_loopback
+from latency_common.redact import REDACTED
 from tests.conftest import GatewayFactory, Traced, make_traced
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.servers import ROOT, BackendThread, Process, free_port

@@ -105,7 +105,7 @@ def test_stack_exports_one_trace_from_both_services_with_the_honeycomb_key(
     assert server.attributes["latency.status"] == "ok"
     assert server.attributes["latency.trust"] == "client_only"
     assert "latency.uplink_ms" in server.attributes
-    # DESIGN §3: HONEYCOMB_API_KEY becomes the x-honeycomb-team header of
+    # README "Configuration": HONEYCOMB_API_KEY becomes the x-honeycomb-team header of
     # every export, from both services.
     assert receiver.headers
     for sent in receiver.headers:

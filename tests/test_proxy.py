@@ -1,4 +1,4 @@
-"""The proxy bullets of DESIGN §4, over real sockets: gateway (aiohttp, real
+"""The proxy bullets of ARCHITECTURE.md §3, over real sockets: gateway (aiohttp, real
 loopback port) → real Flask backend, or a scripted raw upstream for faults."""
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ async def test_home_feed_is_traced_end_to_end(
     assert attrs["server.address"] == "127.0.0.1"
     assert "user_agent.original" in attrs
     assert (client_span.attributes or {})["url.full"] == backend.url + "/api/activities/home"
-    # Server-Timing names the gateway's own span (DESIGN §5).
+    # Server-Timing names the gateway's own span (ARCHITECTURE.md §3).
     assert f'traceparent;desc="00-{TRACE_ID}-{server_span.context.span_id:016x}-01"' in timing
     gw = float(timing.split("gw;dur=")[1].split(",")[0])
     upstream = float(timing.split("upstream;dur=")[1].split(",")[0])
@@ -265,7 +265,7 @@ async def test_header_order_and_repeats_survive(
     assert status == 200
     names = [n.lower() for n, _ in json.loads(body)["headers"]]
     assert names.index("x-a") < names.index("x-b")
-    # The WSGI server may join repeated fields with ", " (DESIGN §8).
+    # The WSGI server may join repeated fields with ", " (README "Backend").
     assert _headers(json.loads(body))["x-a"] in (["1", "3"], ["1, 3"], ["1,3"])
     # PEP 3333: WSGI hands header values over as latin-1 decoded bytes.
     [unicode] = _headers(json.loads(body))["x-unicode"]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.redact import REDACTED, QueryRedactor
+from latency_common.redact import REDACTED, QueryRedactor
 
 REDACTOR = QueryRedactor()
 

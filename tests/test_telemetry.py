@@ -1,5 +1,5 @@
-"""Telemetry configuration (gateway/telemetry.py): endpoints, headers, the
-Honeycomb convenience of DESIGN §3, samplers, export log limits."""
+"""Telemetry configuration (latency_common/telemetry.py): endpoints, headers, the
+Honeycomb convenience of README "Configuration", samplers, export log limits."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanContext
 
-from gateway import telemetry
-from gateway.logs import RateLimitFilter
+from latency_common import telemetry
+from latency_common.logs import RateLimitFilter
 from tests.otlp_receiver import OtlpReceiver
 
 
@@ -139,7 +139,7 @@ def test_an_unencodable_span_is_dropped_alone_not_with_its_batch(
         exporter = telemetry.GuardedExporter(
             OTLPSpanExporter(endpoint=receiver.endpoint + "/v1/traces")
         )
-        with caplog.at_level(logging.WARNING, logger="gateway.telemetry"):
+        with caplog.at_level(logging.WARNING, logger="latency_common.telemetry"):
             result = exporter.export([*good[:2], poisoned, *good[2:]])
             exporter.export([poisoned])  # counted again, warned about once a minute
         assert result is SpanExportResult.SUCCESS
@@ -147,7 +147,7 @@ def test_an_unencodable_span_is_dropped_alone_not_with_its_batch(
         exporter.shutdown()
     assert sorted(s.name for s in spans) == sorted(s.name for s in good)
     assert exporter.unencodable_spans == 2
-    warnings = [r.getMessage() for r in caplog.records if r.name == "gateway.telemetry"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "latency_common.telemetry"]
     assert warnings == [
         "dropped 1 span(s) that cannot be encoded for OTLP (GET poisoned); 1 so far"
     ]

@@ -1,4 +1,4 @@
-"""Unit tests for ``gateway/tracestate.py``: the W3C Trace Context Level 2
+"""Unit tests for ``latency_common/tracestate.py``: the W3C Trace Context Level 2
 ``tracestate`` rules. Pure: field lines in, members out; no servers.
 
 Every rule is one parametrized case whose id names the section of
@@ -16,8 +16,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
-from gateway import tracestate
-from gateway.tracestate import Level2TraceState, parse, trim
+from latency_common import tracestate
+from latency_common.tracestate import Level2TraceState, parse, trim
 
 Members = list[tuple[str, str]]
 

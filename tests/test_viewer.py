@@ -1,4 +1,4 @@
-"""The local trace viewer (``gateway/viewer/``): OTLP/HTTP receiver, store,
+"""The local trace viewer (``viewer/``): OTLP/HTTP receiver, store,
 web UI, CLI and report, against real servers on loopback ports, the real
 OTel exporter, real SQLite files and real Chromium.
 
@@ -50,14 +50,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from playwright.async_api import async_playwright
 
-from gateway.viewer import hosts, otlp
-from gateway.viewer.app import create_app
-from gateway.viewer.cli import ServeConfig, UsageError, report_config, serve_config
-from gateway.viewer.report import percentile, route_stats
-from gateway.viewer.spans import SpanRecord, waterfall
-from gateway.viewer.store import Store
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.servers import Process, parse_head, raw_request
+from viewer import hosts, otlp
+from viewer.app import create_app
+from viewer.cli import ServeConfig, UsageError, report_config, serve_config
+from viewer.report import percentile, route_stats
+from viewer.spans import SpanRecord, waterfall
+from viewer.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 MS = 1_000_000
@@ -632,6 +632,36 @@ async def test_span_data_is_escaped(viewer: ViewerServer, client: aiohttp.Client
         assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
 
 
+async def test_route_names_are_escaped_on_the_latency_page(
+    viewer: ViewerServer, client: aiohttp.ClientSession
+) -> None:
+    # The route comes from the backend span's http.route: any backend (or
+    # anyone who can post OTLP) chooses it, so /latency escapes it like the
+    # other pages.
+    evil = '<script>alert("route")</script>'
+    now = time.time_ns()
+    gateway_attrs = {"latency.status": "ok", "latency.uplink_ms": 12.5, "latency.rtt_ms": 30.0}
+    spans = [
+        record(
+            41, 0, service="gateway", name="GET", kind=2, start_ns=now, attributes=gateway_attrs
+        ),
+        record(
+            41,
+            1,
+            parent_no=0,
+            service="backend",
+            name=evil,
+            kind=2,
+            start_ns=now + MS,
+            attributes={"http.route": evil},
+        ),
+    ]
+    await asyncio.to_thread(viewer.store.insert, spans)
+    page = await get_text(client, f"{viewer.url}/latency")
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(&quot;route&quot;)&lt;/script&gt;" in page
+
+
 async def test_latency_page_and_api_per_route(
     viewer: ViewerServer, client: aiohttp.ClientSession
 ) -> None:
@@ -744,8 +774,8 @@ def test_retention_by_age_and_no_duplicates(tmp_path: Path) -> None:
 
 WRITER = """
 import sys, time
-from gateway.viewer.spans import SpanRecord, waterfall
-from gateway.viewer.store import Store
+from viewer.spans import SpanRecord, waterfall
+from viewer.store import Store
 with Store(sys.argv[1]) as store:
     for batch in range(20):
         store.insert([SpanRecord(f"{9999:032x}", f"{batch * 50 + i + 1:016x}", "", "proc", "s",
@@ -805,7 +835,7 @@ async def test_cli_serves_accepts_a_post_and_stops_on_sigterm(
 ) -> None:
     db = tmp_path / "nested" / "dir" / "traces.db"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.viewer", "--port", "0", "--db", str(db),
+        sys.executable, "-m", "viewer", "--port", "0", "--db", str(db),
         cwd=tmp_path, env=viewer_env(VIEWER_PORT="not-used-flag-wins"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -840,7 +870,7 @@ async def test_cli_serves_accepts_a_post_and_stops_on_sigterm(
 
 async def test_cli_defaults_to_dot_viewer_db_and_reads_env(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.viewer", cwd=tmp_path, env=viewer_env(VIEWER_PORT="0"),
+        sys.executable, "-m", "viewer", cwd=tmp_path, env=viewer_env(VIEWER_PORT="0"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -859,7 +889,7 @@ async def test_cli_defaults_to_dot_viewer_db_and_reads_env(tmp_path: Path) -> No
 
 def run_cli(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.viewer", *args],
+        [sys.executable, "-m", "viewer", *args],
         cwd=cwd,
         env=viewer_env(**env),
         capture_output=True,
@@ -1114,7 +1144,7 @@ def docker_like_viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
     """The viewer as docker-compose runs it: every interface, --allowed-hosts viewer."""
     db = tmp_path_factory.mktemp("compose") / "traces.db"
     args = ["--host", "0.0.0.0", "--port", "0", "--db", str(db), "--allowed-hosts", "viewer"]
-    with Process("gateway.viewer", args, viewer_env()) as proc:
+    with Process("viewer", args, viewer_env()) as proc:
         yield proc
 
 

@@ -23,7 +23,7 @@ All 41 tests of the suite (``TraceContextTest``, ``AdvancedTest`` and
 Level 2's ``TraceContext2Test``) pass: ``SUITE_TESTS`` lists them and
 ``test_every_suite_test_is_represented`` checks each has a case here. The
 backend runs with the propagator its entry points install
-(``gateway.tracestate.global_propagator``), so the Level 2 ``tracestate``
+(``latency_common.tracestate.global_propagator``), so the Level 2 ``tracestate``
 rules hold on both hops.
 
 Also checked: the span shape of continue, link and restart; the Level 2
@@ -56,7 +56,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 from yarl import URL
 
-from gateway import tracestate
+from latency_common import tracestate
 from tests.conftest import GatewayFactory, Traced
 from tests.otlp_receiver import OtlpReceiver
 from tests.servers import BackendThread, Process, parse_head, raw_request

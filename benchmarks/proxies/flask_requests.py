@@ -1,7 +1,7 @@
 """The design the project did not pick: a Flask + requests reverse proxy.
 
 What it is for: the "gunicorn gthread Flask + requests" cases of ``make
-bench`` (DESIGN §2 explains the choice). Each gunicorn worker thread forwards
+bench`` (ARCHITECTURE.md §2 explains the choice). Each gunicorn worker thread forwards
 with its own ``requests.Session`` (pooled keep-alive connections to the
 upstream), streams the body back, and copies the headers minus the
 hop-by-hop ones. With ``BENCH_OTEL=1`` it is instrumented the way such an

@@ -1,4 +1,4 @@
-"""``python -m gateway.viewer``: serve the viewer, or print the latency report.
+"""``python -m viewer``: serve the viewer, or print the latency report.
 
 What it is for: flags and environment (flag > ``VIEWER_*`` variable >
 default, a bad value is one line on stderr and exit code 2),
@@ -26,11 +26,11 @@ from typing import Any, NoReturn, TypeVar
 
 from aiohttp import web
 
-from gateway.cli import _BadRequestLogFilter
-from gateway.viewer import otlp
-from gateway.viewer.app import create_app
-from gateway.viewer.report import format_table
-from gateway.viewer.store import (
+from latency_common.logs import BadRequestLogFilter
+from viewer import otlp
+from viewer.app import create_app
+from viewer.report import format_table
+from viewer.store import (
     DEFAULT_MAX_AGE_S,
     DEFAULT_MAX_DB_BYTES,
     DEFAULT_MAX_SPANS,
@@ -39,7 +39,7 @@ from gateway.viewer.store import (
     StoreError,
 )
 
-log = logging.getLogger("gateway.viewer")
+log = logging.getLogger("viewer")
 
 T = TypeVar("T")
 
@@ -198,7 +198,7 @@ def report_config(args: Mapping[str, Any], env: Mapping[str, str]) -> ReportConf
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m gateway.viewer",
+        prog="python -m viewer",
         description=(
             "Local trace viewer: an OTLP/HTTP receiver (POST /v1/traces, protobuf or JSON, "
             "gzip allowed) storing spans in SQLite, and a web UI: / recent traces, "
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
             "environment variable (in brackets); a flag wins over the variable, the variable "
             "over the default."
         ),
-        epilog="`python -m gateway.viewer report --help`: the per-route table in the terminal.",
+        epilog="`python -m viewer report --help`: the per-route table in the terminal.",
     )
     p.add_argument("--host", help=f"listen address [VIEWER_HOST] (default {DEFAULT_HOST})")
     p.add_argument(
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_report_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m gateway.viewer report",
+        prog="python -m viewer report",
         description=(
             "Print the per-route latency table (count, p50/p95/p99 of latency.rtt_ms, "
             "latency.uplink_ms for ok verdicts, latency.gateway_ms and the backend SERVER "
@@ -331,7 +331,7 @@ def run_server(argv: Sequence[str]) -> int:
     # A malformed request (a fuzzer, a port scanner) is answered 400 by
     # aiohttp's parser, which logs a traceback for each: the gateway's filter
     # turns them into one summary line a minute.
-    logging.getLogger("aiohttp.server").addFilter(_BadRequestLogFilter(60.0))
+    logging.getLogger("aiohttp.server").addFilter(BadRequestLogFilter(60.0))
     try:
         store = Store(
             config.db,

@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from gateway.viewer import rollup
-from gateway.viewer.report import RouteStats
-from gateway.viewer.spans import KIND_SERVER, SpanRecord, TraceSummary, summarize
+from viewer import rollup
+from viewer.report import RouteStats
+from viewer.spans import KIND_SERVER, SpanRecord, TraceSummary, summarize
 
 T = TypeVar("T")
 

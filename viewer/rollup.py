@@ -23,7 +23,7 @@ import sqlite3
 from collections.abc import Iterable
 from typing import Final
 
-from gateway.viewer.report import (
+from viewer.report import (
     HISTOGRAM_EDGES_MS,
     METRICS,
     PERCENTILES,
@@ -32,7 +32,7 @@ from gateway.viewer.report import (
     Summary,
     trace_figures,
 )
-from gateway.viewer.spans import KIND_SERVER, SpanRecord
+from viewer.spans import KIND_SERVER, SpanRecord
 
 SCHEMA: Final = """
 -- One row per trace that has a route. start_ns: its first SERVER span's

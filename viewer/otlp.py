@@ -33,7 +33,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from gateway.viewer.spans import SpanRecord
+from viewer.spans import SpanRecord
 
 Encoding = Literal["protobuf", "json"]
 

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from latency_common import attributes as attr
+
 #: OTLP ``Span.SpanKind`` values (opentelemetry/proto/trace/v1/trace.proto).
 KIND_INTERNAL: Final = 1
 KIND_SERVER: Final = 2
@@ -100,7 +102,7 @@ def gateway_span(spans: Iterable[SpanRecord]) -> SpanRecord | None:
     the latency attributes cannot)."""
     servers = _by_start(s for s in spans if s.kind == KIND_SERVER)
     for span in servers:
-        if "latency.status" in span.attributes:
+        if attr.STATUS in span.attributes:
             return span
     for span in servers:
         if span.service == GATEWAY_SERVICE:
@@ -139,7 +141,7 @@ def route(spans: Iterable[SpanRecord]) -> str | None:
 def latency_attributes(span: SpanRecord | None) -> dict[str, Any]:
     if span is None:
         return {}
-    return {k: v for k, v in sorted(span.attributes.items()) if k.startswith("latency.")}
+    return {k: v for k, v in sorted(span.attributes.items()) if k.startswith(attr.PREFIX)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +251,7 @@ def summarize(trace_id: str, spans: Sequence[SpanRecord]) -> TraceSummary:
         if row.span.service not in services:
             services.append(row.span.service)
     gateway = gateway_span(spans)
-    status = gateway.attributes.get("latency.status") if gateway else None
+    status = gateway.attributes.get(attr.STATUS) if gateway else None
     return TraceSummary(
         trace_id=trace_id,
         root_name=root.name if root else "",
@@ -260,5 +262,5 @@ def summarize(trace_id: str, spans: Sequence[SpanRecord]) -> TraceSummary:
         start_ns=shape.start_ns,
         duration_ns=shape.duration_ns,
         latency_status=status if isinstance(status, str) else None,
-        uplink_ms=number(gateway.attributes.get("latency.uplink_ms")) if gateway else None,
+        uplink_ms=number(gateway.attributes.get(attr.UPLINK_MS)) if gateway else None,
     )

@@ -1,5 +1,5 @@
 """Per-route latency statistics and their text table (``python -m
-gateway.viewer report``).
+viewer report``).
 
 What it is for: from the SERVER spans of each trace, the route (the
 backend span's ``http.route``, else the gateway span's name) and the
@@ -20,7 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gateway.viewer.spans import SpanRecord, backend_span, gateway_span, number, route
+from latency_common import attributes as attr
+from viewer.spans import SpanRecord, backend_span, gateway_span, number, route
 
 #: Upper edges (ms) of the uplink histogram's bins; a last bin takes the rest.
 #: Roughly logarithmic: loopback, LAN, same region, far away, mobile, broken.
@@ -145,10 +146,10 @@ def trace_figures(spans: Sequence[SpanRecord]) -> TraceFigures | None:
     gateway = gateway_span(spans)
     if gateway is not None:
         attrs = gateway.attributes
-        rtt = number(attrs.get("latency.rtt_ms"))
-        gateway_ms = number(attrs.get("latency.gateway_ms"))
-        if attrs.get("latency.status") == "ok":
-            uplink = number(attrs.get("latency.uplink_ms"))
+        rtt = number(attrs.get(attr.RTT_MS))
+        gateway_ms = number(attrs.get(attr.GATEWAY_MS))
+        if attrs.get(attr.STATUS) == "ok":
+            uplink = number(attrs.get(attr.UPLINK_MS))
     backend = backend_span(spans)
     if backend is not None:
         backend_ms = round(backend.duration_ns / 1e6, 3)

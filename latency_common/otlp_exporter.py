@@ -1,14 +1,14 @@
-"""The SDK's OTLP/HTTP span exporter, serialising with ``gateway/otlp_encode.py``.
+"""The SDK's OTLP/HTTP span exporter, serialising with ``latency_common/otlp_encode.py``.
 
 What it is for: :class:`FastOTLPSpanExporter` is opentelemetry-exporter-otlp-
 proto-http's ``OTLPSpanExporter`` (endpoint, headers, compression, retries,
 timeouts, the ``OTEL_EXPORTER_OTLP_*`` variables, its size limit and its
 metrics all unchanged) with one step replaced: the request body is written by
-:mod:`gateway.otlp_encode` instead of the official protobuf encoder, which
+:mod:`latency_common.otlp_encode` instead of the official protobuf encoder, which
 holds the GIL about 4x longer. A span that cannot be encoded is left out with
 one warning instead of failing its whole batch.
 
-Not for: choosing where spans go (``gateway/telemetry.py``) or encoding.
+Not for: choosing where spans go (``latency_common/telemetry.py``) or encoding.
 
 How: ``OTLPSpanExporter.export`` (1.45.1) serialises inline, as
 ``encode_spans(spans).SerializePartialToString()`` with ``encode_spans`` a
@@ -32,7 +32,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 
-from gateway.otlp_encode import encode_spans_dropping_invalid
+from latency_common.otlp_encode import encode_spans_dropping_invalid
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ _export: Final = _sdk_export_with(_encode)
 
 
 class FastOTLPSpanExporter(OTLPSpanExporter):
-    """``OTLPSpanExporter`` with the request body written by ``gateway.otlp_encode``.
+    """``OTLPSpanExporter`` with the request body written by ``latency_common.otlp_encode``.
 
     Same constructor, same environment variables, same bytes on the wire."""
 

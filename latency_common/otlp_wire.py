@@ -1,6 +1,6 @@
 """Protobuf wire format for OTLP: varints, scalar fields and attribute records.
 
-What it is for: the pieces ``gateway/otlp_encode.py`` assembles spans from
+What it is for: the pieces ``latency_common/otlp_encode.py`` assembles spans from
 (protobuf encoding guide: base-128 varints, fixed64/fixed32 little endian,
 length-delimited records), and the ``KeyValue``/``AnyValue`` attribute
 records of opentelemetry-proto ``common.proto``, written as the official
@@ -10,7 +10,7 @@ values refused with the same exception types, an attribute that cannot be
 encoded left out with a warning. Attribute records that repeat from span to
 span (a method, a status, a port) are encoded once and cached.
 
-Not for: spans, resources, scopes or grouping (``gateway/otlp_encode.py``).
+Not for: spans, resources, scopes or grouping (``latency_common/otlp_encode.py``).
 """
 
 from __future__ import annotations

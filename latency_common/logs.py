@@ -8,7 +8,7 @@ first record goes through, the next ones within the interval are counted and
 the count rides on the next record let through, so the log keeps its signal
 and a flood cannot fill a disk or block the loop on a slow log sink.
 
-Not for: choosing levels or handlers (``cli._setup_logging``).
+Not for: choosing levels or handlers (each program's ``cli``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 
 class RateLimitFilter(logging.Filter):
@@ -51,3 +53,20 @@ class RateLimitFilter(logging.Filter):
         self._suppressed = 0
         self._next_ok = now + self._interval_s
         return True
+
+
+class BadRequestLogFilter(RateLimitFilter):
+    """aiohttp's per-request parse-error tracebacks as a periodic count: any
+    client could otherwise flood the log of an aiohttp server (the gateway's
+    and the viewer's alike) with one traceback per malformed request."""
+
+    def selects(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return isinstance(exc, HttpProcessingError)
+
+    def summarise(self, record: logging.LogRecord, suppressed: int) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        record.msg = "rejected %d malformed request(s) with 400 (last: %s)"
+        record.args = (suppressed + 1, str(exc).splitlines()[0][:200])
+        record.exc_info = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"

@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler
 from opentelemetry.util.re import parse_env_headers
 
-from gateway.logs import RateLimitFilter
+from latency_common.logs import RateLimitFilter
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def describe_destination(environ: Mapping[str, str]) -> str:
     if _honeycomb_key(environ):
         return f"{endpoint} (OTLP/HTTP protobuf, Honeycomb API key set)"
     if endpoint == DEFAULT_OTLP_ENDPOINT + "/v1/traces":
-        return f"{endpoint} (OTLP/HTTP protobuf: the local viewer, python -m gateway.viewer)"
+        return f"{endpoint} (OTLP/HTTP protobuf: the local viewer, python -m viewer)"
     return f"{endpoint} (OTLP/HTTP protobuf)"
 
 

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any, Final
 
-from gateway.viewer.report import METRICS, PERCENTILES, RouteStats, fmt_ms
-from gateway.viewer.spans import (
+from viewer.report import METRICS, PERCENTILES, RouteStats, fmt_ms
+from viewer.spans import (
     KIND_NAMES,
     TraceSummary,
     Waterfall,

@@ -9,7 +9,7 @@ The official encoder (opentelemetry-exporter-otlp-proto-common 1.45.1,
 it runs on the export thread holding the GIL, so the event loop waits. Here
 each field is written as wire-format bytes (protobuf encoding guide: varints,
 fixed64/fixed32 little endian, length-delimited records; the pieces and the
-attribute records are in ``gateway/otlp_wire.py``), resource and scope bytes
+attribute records are in ``latency_common/otlp_wire.py``), resource and scope bytes
 are built once per object.
 
 The output parses to the same message as the official encoder's, field for
@@ -23,7 +23,7 @@ unknown type) left out with a warning, and the same exception types for a span
 it refuses (an id or time out of range, a lone surrogate in a name, an unknown
 kind).
 
-Not for: sending (``gateway/otlp_exporter.py``), metrics or logs, decoding.
+Not for: sending (``latency_common/otlp_exporter.py``), metrics or logs, decoding.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.otlp_wire import (
+from latency_common.otlp_wire import (
     RECORD_VALUE_MAX,
     RECORDS_MAX,
     UINT64_LIMIT,

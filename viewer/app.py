@@ -23,12 +23,12 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from gateway.viewer import hosts, otlp, pages
-from gateway.viewer.report import RouteStats
-from gateway.viewer.spans import SpanRecord, gateway_span, latency_attributes, waterfall
-from gateway.viewer.store import Store, StoreError
+from viewer import hosts, otlp, pages
+from viewer.report import RouteStats
+from viewer.spans import SpanRecord, gateway_span, latency_attributes, waterfall
+from viewer.store import Store, StoreError
 
-log = logging.getLogger("gateway.viewer")
+log = logging.getLogger("viewer")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
