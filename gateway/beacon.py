@@ -34,8 +34,16 @@ from typing import Any, Final
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, get_current_span
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    get_current_span,
+    set_span_in_context,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway import timing
@@ -249,8 +257,16 @@ def ingest(
     resource: Resource,
     processor: SpanProcessor | None,
     redactor: QueryRedactor,
+    sampler: Sampler | None = None,
 ) -> BeaconResult:
-    """Validate every entry and hand the valid ones to the span processor."""
+    """Validate every entry and hand the valid ones to the span processor.
+
+    With a ``sampler`` (the gateway's own), a browser span is kept only when
+    the gateway's SERVER span for the same request was sampled: the same
+    sampler asked the same question (its parent is the browser's span, as
+    the gateway saw it in the traceparent), so with ``traceidratio`` or a
+    parent-based sampler no browser span is exported for a trace whose
+    gateway span was dropped, and none is left without its child."""
     if not isinstance(payload, dict) or not isinstance(payload.get("e"), list):
         raise BeaconError('expected {"v": 1, "e": [entries]}')
     entries = payload["e"]
@@ -275,7 +291,35 @@ def ingest(
         if span is None:
             dropped[reason] += 1
             continue
+        if sampler is not None and not _gateway_sampled(sampler, span, entry):
+            dropped["not_sampled"] += 1
+            continue
         if processor is not None:
             processor.on_end(span)
         accepted += 1
     return BeaconResult(accepted, dropped)
+
+
+def _gateway_sampled(sampler: Sampler, span: ReadableSpan, entry: dict[str, Any]) -> bool:
+    """The decision the gateway's sampler made for this request's SERVER span.
+
+    The gateway started that span under the browser's context (continue
+    mode): the traceparent the entry names, as a remote parent with the
+    flags the browser sent. Samplers decide on the trace id (ratio) or that
+    parent (parent-based), so asking again gives the same answer. A sampler
+    that looks at attributes would need the request's: none of the SDK's do.
+    """
+    context = span.context
+    parent = _span_context(entry.get("tp"))
+    if context is None or parent is None:
+        return False
+    remote = SpanContext(
+        parent.trace_id, parent.span_id, is_remote=True, trace_flags=parent.trace_flags
+    )
+    result = sampler.should_sample(
+        set_span_in_context(NonRecordingSpan(remote)),
+        context.trace_id,
+        span.name,
+        SpanKind.SERVER,
+    )
+    return result.decision == Decision.RECORD_AND_SAMPLE

@@ -84,6 +84,9 @@ class Reserved:
         # as the gateway's own spans. Without one, beacons are checked and
         # counted but make no span.
         self.span_processor = telemetry.processor if telemetry is not None else None
+        # The gateway's own sampler: browser spans follow its decision for the
+        # same trace (see beacon.ingest).
+        self.sampler = telemetry.provider.sampler if telemetry is not None else None
         self.snippet: tuple[bytes, str] | None = None
         if SNIPPET_PATH.is_file():
             # Start-up work, before the loop serves anything.
@@ -233,6 +236,7 @@ class Reserved:
                 resource=self.browser_resource,
                 processor=self.span_processor,
                 redactor=self.redactor,
+                sampler=self.sampler,
             )
         except (ValueError, RecursionError) as exc:  # JSON errors and BeaconError
             self.beacon_counts["bad_beacon"] += 1

@@ -8,6 +8,7 @@ attached browser spans to any trace."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 
 from gateway import beacon
 from gateway.timing import make_bind, make_token
@@ -585,3 +587,82 @@ def test_a_poisoned_beacon_loses_no_gateway_span(backend: Any) -> None:
             _, stderr = gw.terminate()
         assert "Traceback" not in stderr
         assert "Failed to encode" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("sampler", "flags"),
+    [
+        (TraceIdRatioBased(0.5), "03"),
+        (ParentBased(ALWAYS_ON), "00"),
+        (ParentBased(ALWAYS_ON), "01"),
+        (ParentBased(TraceIdRatioBased(0.5)), "01"),
+    ],
+    ids=["traceidratio", "parentbased-unsampled", "parentbased-sampled", "parentbased-ratio"],
+)
+async def test_browser_spans_follow_the_gateways_sampling_decision(
+    http: aiohttp.ClientSession, backend: Any, sampler: Any, flags: str
+) -> None:
+    from aiohttp.test_utils import TestServer
+
+    from gateway.app import create_app
+    from gateway.config import GatewayConfig
+    from latency_common.telemetry import Telemetry
+    from tests.conftest import make_traced
+
+    traced = make_traced(sampler=sampler, service="gateway")
+    config = GatewayConfig().replace(
+        upstream=backend.url,
+        workers=1,
+        clock_key=KEY,
+        allowed_origins=(ORIGIN["Origin"],),
+    )
+    server = TestServer(create_app(config, telemetry=Telemetry(traced.provider, traced.processor)))
+    await server.start_server()
+    base = str(server.make_url("")).rstrip("/")
+    rng = random.Random(flags + sampler.get_description())
+    entries = []
+    try:
+        for _ in range(40):
+            trace_id, span_id = f"{rng.getrandbits(128):032x}", f"{rng.getrandbits(64):016x}"
+            t0 = time.time() * 1000
+            headers = {**ORIGIN, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
+            async with http.get(base + "/api/health", headers=headers) as resp:
+                await resp.read()
+                t3 = time.time() * 1000
+                clock = resp.headers["X-Gateway-Clock"]
+            tok = re.search(r'tok="([^"]+)"', clock)
+            bind = re.search(r'bind="([^"]+)"', clock)
+            assert tok is not None
+            assert bind is not None
+            marks = {"startTime": t0, "responseEnd": t3}
+            entries.append(
+                _entry(
+                    tp=f"00-{trace_id}-{span_id}-{flags}",
+                    tok=tok.group(1),
+                    b=bind.group(1),
+                    off=0.0,
+                    marks=marks,
+                )
+            )
+        body = json.dumps({"v": 1, "e": entries})
+        async with http.post(base + "/__gateway/beacon", data=body, headers=ORIGIN) as resp:
+            assert resp.status == 202
+            result = await resp.json()
+    finally:
+        await server.close()
+    spans = traced.spans()
+    gateway_traces = {s.context.trace_id for s in spans if s.kind.name == "SERVER"}
+    browser_traces = {
+        s.context.trace_id for s in spans if s.resource.attributes["service.name"] == "browser"
+    }
+    # The same decision for the same trace: no browser span whose gateway span
+    # was dropped, none missing where the gateway span was kept.
+    assert browser_traces == gateway_traces
+    assert result["accepted"] == len(gateway_traces)
+    assert result["dropped"].get("not_sampled", 0) == 40 - len(gateway_traces)
+    if flags == "00":
+        assert gateway_traces == set()
+    elif isinstance(sampler, ParentBased):
+        assert len(gateway_traces) == 40  # a sampled remote parent is followed
+    else:
+        assert 5 < len(gateway_traces) < 35  # the ratio really sampled some out
