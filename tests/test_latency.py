@@ -5,6 +5,7 @@ deliberately skewed clock) through a loopback relay with a known delay."""
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import statistics
 import time
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan
 
-from gateway.timing import ClockSample, best_sample, clock_sample
+from gateway.timing import SLEW_RATE, ClockSample, best_sample, clock_sample
 from tests.conftest import GatewayFactory, Traced
 from tests.otlp_receiver import OtlpReceiver
 from tests.relay import DelayRelay
@@ -39,9 +40,21 @@ class ScriptedSnippet:
     samples: list[ClockSample] = field(default_factory=list)
     token: str | None = None
     prev: str | None = None
+    #: An honest clock's rate against real time (1.0005: ntpd slewing at its
+    #: 500 ppm limit) and a correction chrony slews in from 1 s after start
+    #: at its 83 333 ppm maximum (performance.now() follows the slew).
+    rate: float = 1.0
+    slew_ms: float = 0.0
+    started_ms: float = field(default_factory=lambda: time.time() * 1000)
 
     def now(self) -> float:
-        return time.time() * 1000 + self.skew_ms
+        real = time.time() * 1000
+        elapsed = real - self.started_ms
+        clock = real + self.skew_ms + elapsed * (self.rate - 1.0)
+        if self.slew_ms:
+            slewed = min(abs(self.slew_ms), SLEW_RATE * max(elapsed - 1_000.0, 0.0))
+            clock += math.copysign(slewed, self.slew_ms)
+        return clock
 
     def _learn(self, t0: float, header: str, t3: float) -> None:
         match = _CLOCK_RE.fullmatch(header)
@@ -332,3 +345,40 @@ def test_print_accuracy_table() -> None:
             f"skew={skew:>12.0f} ms  injected={injected:.1f}  uplink={uplink:7.3f}  "
             f"error={error:6.3f}  |diff|={abs(uplink - injected):.3f}  {status}"
         )
+
+
+#: Honest clocks, through the real gateway: exact, quartz, ntpd at its slew
+#: limit and chrony slewing a correction in (README "5. The drift model").
+HONEST_CLIENTS = {
+    "exact": {},
+    "quartz -100 ppm": {"rate": 0.9999},
+    "ntpd +500 ppm": {"rate": 1.0005},
+    "ntpd -500 ppm": {"rate": 0.9995},
+    "chrony slews +300 ms": {"slew_ms": 300.0},
+    "chrony slews -300 ms": {"slew_ms": -300.0},
+}
+
+
+async def test_honest_clocks_through_the_gateway_are_never_called_liars(
+    gateway_proc: Process,
+) -> None:
+    """The pure-function simulation (tests/test_timing.py) covers gaps up to
+    10 minutes; this one sends real requests to a real gateway process with
+    gaps of 1 s and 3 s, every clock at once (each its own connection)."""
+
+    async def run(name: str, clock: dict[str, float]) -> list[str]:
+        async with aiohttp.ClientSession() as http:
+            client = ScriptedSnippet(http, gateway_proc.url, skew_ms=-2_000.0, **clock)
+            await client.sync()
+            verdicts = []
+            for gap_s in (0.0, 1.0, 3.0, 3.0):
+                await asyncio.sleep(gap_s)  # the user's think time, not a wait for anything
+                resp = await client.get()
+                timing = resp.headers["Server-Timing"]
+                verdicts.append(timing.split("uplink;")[1].split('desc="')[1].split('"')[0])
+            return verdicts
+
+    results = await asyncio.gather(*(run(n, c) for n, c in HONEST_CLIENTS.items()))
+    assert dict(zip(HONEST_CLIENTS, results, strict=True)) == {
+        name: ["ok"] * 4 for name in HONEST_CLIENTS
+    }
