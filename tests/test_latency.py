@@ -60,7 +60,11 @@ class ScriptedSnippet:
         match = _CLOCK_RE.fullmatch(header)
         assert match, header
         t1, t2 = float(match.group(1)), float(match.group(2))
-        self.samples.append(clock_sample(t0, t1, t2, t3))
+        sample = clock_sample(t0, t1, t2, t3)
+        # As the snippet: a negative delay is no exchange a clock could
+        # measure (it was stepped or slewed under it); the sample goes.
+        if sample.delay_ms >= 0:
+            self.samples.append(sample)
         self.token = match.group(3)
 
     async def sync(self, count: int = 8) -> None:
