@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 from yarl import URL
 
 from gateway.cors import parse_entry
+from gateway.cpus import allowed_cpus
 
 TrustMode = Literal["continue", "link", "restart"]
 TRUST_MODES: tuple[TrustMode, ...] = ("continue", "link", "restart")
@@ -55,7 +56,8 @@ class GatewayConfig:
     upstream: str = "http://127.0.0.1:4567"
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: The CPUs the cgroup quota and affinity allow, not the host's cores.
+    workers: int = field(default_factory=allowed_cpus)
     allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
     trust_context: TrustMode = "continue"
     # The HMAC key for clock tokens. repr=False: it must never reach a log line.
