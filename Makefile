@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint unit js system format bench clean
+.PHONY: help run test lint unit js system format bench build clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -56,9 +56,15 @@ test: lint js unit  ## lint + the snippet's tests + the whole Python suite (what
 bench: $(VENV)/.dev system frontend-snippet/node_modules/.installed  ## benchmarks (~12 min): writes benchmarks/RESULTS.md
 	$(PY) benchmarks/run.py
 
+# The package users install: gateway/, viewer/, latency_common/ and the snippet.
+# (make unit checks it too: tests/test_packaging.py builds both, installs the
+# wheel into a fresh virtualenv and runs its console scripts.)
+build: $(VENV)/.dev  ## the wheel and sdist into dist/ (python -m build)
+	$(PY) -m build --outdir dist .
+
 format: $(VENV)/.dev  ## apply ruff's fixes and formatting
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-clean:  ## remove the virtualenv and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+clean:  ## remove the virtualenv, caches and dist/
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build

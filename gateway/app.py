@@ -302,7 +302,9 @@ class Gateway:
             encoded=True,
         )
 
-        headers = proxy.upstream_request_headers(request, fwd)
+        headers = proxy.upstream_request_headers(
+            request, fwd, preserve_host=self.config.preserve_host
+        )
         known = method_attribute(request.method)
         client_span = self.tracer.start_span(
             span_name(known),

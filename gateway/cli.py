@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", help="listen port [GATEWAY_PORT] (default 8080)")
     p.add_argument(
         "--workers",
-        help="processes sharing the port via SO_REUSEPORT "
-        "[GATEWAY_WORKERS] (default: one per core)",
+        help="processes sharing the port via SO_REUSEPORT [GATEWAY_WORKERS] (default: "
+        "the CPUs this process may use: the cgroup CPU quota rounded up, or the "
+        "affinity mask, not the host's core count)",
     )
     p.add_argument(
         "--allowed-origins",

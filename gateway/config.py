@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 from yarl import URL
 
 from gateway.cors import parse_entry
+from gateway.cpus import allowed_cpus
 
 TrustMode = Literal["continue", "link", "restart"]
 TRUST_MODES: tuple[TrustMode, ...] = ("continue", "link", "restart")
@@ -55,7 +56,8 @@ class GatewayConfig:
     upstream: str = "http://127.0.0.1:4567"
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: The CPUs the cgroup quota and affinity allow, not the host's cores.
+    workers: int = field(default_factory=allowed_cpus)
     allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
     trust_context: TrustMode = "continue"
     # The HMAC key for clock tokens. repr=False: it must never reach a log line.
@@ -83,6 +85,9 @@ class GatewayConfig:
     #: Query keys whose values are redacted in exported URLs, on top of
     #: ``latency_common.redact.DEFAULT_SENSITIVE_QUERY_KEYS``.
     redact_query_params: tuple[str, ...] = ()
+    #: Pass the browser's ``Host`` upstream instead of the upstream's own
+    #: (README "Put it in front of your API"); off, as nginx's default.
+    preserve_host: bool = False
 
     @property
     def upstream_url(self) -> URL:
@@ -215,6 +220,7 @@ class GatewayConfig:
             redact_query_params=pick(
                 "redact_query_params", "GATEWAY_REDACT_QUERY_PARAMS", _parse_list, ()
             ),
+            preserve_host=pick("preserve_host", "GATEWAY_PRESERVE_HOST", _parse_bool, False),
         )
         config.validate()
         return config
@@ -222,6 +228,19 @@ class GatewayConfig:
 
 def _parse_str(name: str, raw: str) -> str:
     return raw
+
+
+_BOOLS: dict[str, bool] = {
+    **dict.fromkeys(("1", "true", "yes", "on"), True),
+    **dict.fromkeys(("0", "false", "no", "off"), False),
+}
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = _BOOLS.get(raw.strip().lower())
+    if value is None:
+        raise ConfigError(f"{name} must be one of 1, true, yes, on, 0, false, no, off, got {raw!r}")
+    return value
 
 
 def _parse_int(name: str, raw: str) -> int:

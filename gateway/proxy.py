@@ -16,6 +16,7 @@ Not for: spans, trace context or CORS (``app.py``, ``context.py``).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -165,9 +166,34 @@ def _trusted_last(request: web.BaseRequest, name: str, trusted: int) -> str | No
     return items[-trusted] if len(items) >= trusted and items[-trusted] else None
 
 
-def upstream_request_headers(request: web.BaseRequest, fwd: Forwarding) -> CIMultiDict[str]:
+#: RFC 9110 §7.2 / RFC 3986 §3.2.2-3.2.3: Host = uri-host [ ":" port ], where
+#: uri-host is an IP-literal in brackets or a reg-name / IPv4 address
+#: (unreserved, pct-encoded and sub-delims characters). Compiled once.
+_HOST_RE: Final = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9\-._~!$&'()*+,;=%]{1,253})(?::[0-9]{1,5})?"
+)
+
+
+def preserved_host(request: web.BaseRequest) -> str | None:
+    """The browser's ``Host``, when it is one well-formed field line (RFC 9112
+    §3.2: a request with several, or an invalid one, is not to be trusted),
+    else None (the upstream then gets its own ``host:port``)."""
+    values = request.headers.getall("host", ())
+    if len(values) != 1 or not _HOST_RE.fullmatch(values[0]):
+        return None
+    return values[0]
+
+
+def upstream_request_headers(
+    request: web.BaseRequest, fwd: Forwarding, *, preserve_host: bool = False
+) -> CIMultiDict[str]:
     """The request headers to send upstream: the client's, in order, minus the
-    dropped set and every ``Connection`` token, plus our forwarding headers."""
+    dropped set and every ``Connection`` token, plus our forwarding headers.
+
+    ``Host`` is the upstream's own (set by the client session from
+    ``GATEWAY_UPSTREAM``), unless ``preserve_host`` (``GATEWAY_PRESERVE_HOST``)
+    asks to pass on a well-formed browser ``Host``, for backends that build
+    URLs or pick a virtual host from it."""
     drop = connection_tokens(request.headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
@@ -184,6 +210,10 @@ def upstream_request_headers(request: web.BaseRequest, fwd: Forwarding) -> CIMul
     if fwd.x_forwarded_host:
         out["X-Forwarded-Host"] = fwd.x_forwarded_host
     out["X-Forwarded-Proto"] = fwd.x_forwarded_proto
+    if preserve_host:
+        host = preserved_host(request)
+        if host is not None:
+            out["Host"] = host
     return out
 
 

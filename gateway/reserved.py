@@ -19,6 +19,8 @@ import json
 import os
 import time
 from collections import Counter
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -35,9 +37,20 @@ from latency_common.redact import QueryRedactor
 if TYPE_CHECKING:
     from latency_common.telemetry import Telemetry
 
+
+def snippet_path(packaged: Traversable, checkout: Path) -> Traversable:
+    """Where the snippet is read from: the copy inside the installed package
+    (the wheel ships ``frontend-snippet/snippet.js`` as ``gateway/snippet.js``),
+    else, in a source checkout, the one in ``frontend-snippet/``."""
+    return packaged if packaged.is_file() else checkout
+
+
 #: The snippet file, served at /__gateway/snippet.js (classic script) and
 #: /__gateway/snippet.mjs (the same file with an ES module footer).
-SNIPPET_PATH: Final = Path(__file__).resolve().parent.parent / "frontend-snippet" / "snippet.js"
+SNIPPET_PATH: Final = snippet_path(
+    resources.files("gateway") / "snippet.js",
+    Path(__file__).resolve().parent.parent / "frontend-snippet" / "snippet.js",
+)
 SNIPPET_MODULE_FOOTER: Final = (
     b"\nexport const init = globalThis.LatencyGateway.init;"
     b"\nexport default globalThis.LatencyGateway;\n"

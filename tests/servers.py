@@ -63,11 +63,15 @@ class Process:
         *,
         expect_listen: bool = True,
         timeout_s: float = 20.0,
+        command: list[str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
+        """``command`` replaces ``python -m MODULE`` (say, an installed
+        console script), ``cwd`` the checkout as working directory."""
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
-            cwd=ROOT,
+            [*(command or [sys.executable, "-m", module]), *args],
+            cwd=cwd,
             env=full_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
