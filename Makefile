@@ -17,8 +17,11 @@ $(VENV)/.runtime: requirements.txt
 	$(PIP) install -r requirements.txt
 	@touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+# The project itself, editable, so the console scripts (latency-gateway,
+# latency-viewer) exist in the venv for the tests that run them as users do.
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt pyproject.toml
 	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-deps -e .
 	@touch $@
 
 run: $(VENV)/.runtime  ## start backend (:4567) and gateway (:8080); Ctrl-C stops both

@@ -1,4 +1,4 @@
-"""A fleet, as users run one: three independent gateway processes behind
+"""A fleet, as users run one: three independent `latency-gateway` processes behind
 Debian's nginx as a round-robin load balancer, the example backend under
 gunicorn, the demo page in real Chromium, spans through a real OTLP
 receiver.
@@ -100,7 +100,11 @@ class Replica:
     process: Process | None = None
 
     def start(self) -> None:
-        self.process = Process("gateway", self.args, self.env)
+        # The console script users install (`make test` installs the project
+        # into its venv), not `python -m gateway`.
+        script = Path(sys.executable).parent / "latency-gateway"
+        assert script.exists(), f"{script} is missing: run make test (it installs the project)"
+        self.process = Process("gateway", self.args, self.env, command=[str(script)])
 
     def stop(self) -> tuple[int, str]:
         assert self.process is not None
