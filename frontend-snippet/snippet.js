@@ -225,7 +225,7 @@
     h.set("x-client-timestamp", f3(c0));
     // Not before the burst is over: its first samples are its worst.
     const b = o.y && best(o.s);
-    if (b) h.set("x-client-clock", clockHeader(b, o.k, c0)), (x.off = r3(b.off));
+    if (b) h.set("x-client-clock", clockHeader(b, o.k, c0));
     // Sent once, so that each measured round trip lands on one gateway span
     // and aggregates such as P95(latency.rtt_ms) count it once.
     if (o.p) h.set("x-client-prev", o.p), (o.p = 0);
@@ -280,7 +280,10 @@
     if (B && x.k && x.k.b && !x.own) {
       const marks = {};
       for (const n of MARKS) marks[n] = toC(e[n]);
-      o.q.push({ tp: x.tp, m: d.method, u: d.url, tok: x.k.tok, b: x.k.b, off: x.off, marks }) < 20
+      // off: today's best offset. The gateway uses it only for a request
+      // sent unsynced (e.g. the first of a page load, before the burst's
+      // answers); a synced one is placed by its token alone.
+      o.q.push({ tp: x.tp, m: d.method, u: d.url, tok: x.k.tok, b: x.k.b, off: r3((best(o.s) || {}).off), marks }) < 20
         ? tm || (tm = setTimeout(flush, FM))
         : flush();
     }

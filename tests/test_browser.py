@@ -242,6 +242,54 @@ async def test_burst_of_identical_requests_are_each_matched(stack_factory: Any) 
         assert record["gw"] == pytest.approx(attrs["latency.gateway_ms"], abs=0.01)
 
 
+async def test_the_first_request_of_a_page_load_is_traced(
+    browser: Browser, backend_proc: Process, receiver: OtlpReceiver, demo_port: int
+) -> None:
+    """The demo fetches its feed on load, before the sync burst can have
+    proven CORS: the allow-list served with the snippet enables the gateway at
+    once, so that request carries our trace context and X-Client-Timestamp."""
+    with ExitStack() as stack:
+        base = start_gateway(stack, backend_proc, receiver, f"http://127.0.0.1:{demo_port}")
+        demo = stack.enter_context(DemoThread(base, port=demo_port))
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(demo.url)
+        await page.evaluate("window.demoReady")
+        # The first record is the page's first request (the burst makes none).
+        first: dict[str, Any] = await _wait_for(
+            page,
+            "LatencyGateway.requests.length > 0 && LatencyGateway.requests[0].pre != null "
+            "&& LatencyGateway.requests[0]",
+        )
+        clock_requests = await page.evaluate(
+            "performance.getEntriesByType('resource')"
+            ".filter(e => e.name.includes('/__gateway/clock')).map(e => e.startTime)"
+        )
+        feed_start = await page.evaluate(
+            f"performance.getEntriesByName({first['url']!r})[0].startTime"
+        )
+        await page.evaluate("window.dispatchEvent(new Event('pagehide'))")
+        spans = receiver.wait_for(
+            lambda spans: (
+                {"browser", "gateway"}
+                <= {s.service for s in spans if s.trace_id == first["traceId"]}
+            )
+        )
+        await context.close()
+    # It left before the burst had its answers: only the allow-list enabled it.
+    assert clock_requests
+    assert feed_start < max(clock_requests)
+    [server] = [
+        s
+        for s in spans
+        if s.trace_id == first["traceId"] and s.service == "gateway" and s.kind == SERVER
+    ]
+    [browser_span] = [s for s in spans if s.trace_id == first["traceId"] and s.service == "browser"]
+    assert server.attributes["gateway.context.source"] != "none"
+    assert server.attributes["latency.status"] == "unsynced"  # by design, never absent
+    assert server.parent_span_id == browser_span.span_id == first["spanId"]
+
+
 async def test_a_throwing_snippet_leaves_the_page_request_untouched(
     browser: Browser, backend_proc: Process, receiver: OtlpReceiver, demo_port: int
 ) -> None:

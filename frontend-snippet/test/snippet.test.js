@@ -957,3 +957,21 @@ test("beacon: flushed on pagehide", async () => {
   p.ctx.dispatchEvent(new Event("pagehide"));
   assert.equal(p.beacons.length, 1);
 });
+
+test("beacon: a request sent unsynced carries the offset known when it is reported", async () => {
+  const p = page({ hold: true, script: CLASSIC, src: served("^(?:http://page\\.test)$") });
+  await until(() => p.held.length, "the first clock request");
+  await p.ctx.fetch(GW + "/api/first"); // no X-Client-Clock: the gateway's token has no uplink
+  await settle();
+  const entry = p.lastEntry();
+  while (clockCalls(p) < 5 || p.held.length) {
+    await until(() => p.held.length, "a clock request");
+    p.held.shift()();
+    await settle();
+  }
+  p.observe(entry);
+  p.api.flush();
+  const [e] = JSON.parse(p.beacons[0].blob).e;
+  assert.equal(e.u, GW + "/api/first");
+  assert.equal(e.off, OFFSET, "the burst's best offset places its marks");
+});
