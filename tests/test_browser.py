@@ -179,7 +179,7 @@ async def test_measured_latency_in_chromium_at_any_skew(stack_factory: Any, skew
         assert attrs["latency.trust"] == "server_bounded"
         # The uplink counts from fetch(): the injected 25 ms plus the browser's
         # own wait before the request left (Resource Timing requestStart −
-        # startTime, DESIGN §6), within the error the gateway reported.
+        # startTime), within the error the gateway reported.
         diff = attrs["latency.uplink_ms"] - (25.0 + record["pre"])
         outside += abs(diff) > attrs["latency.uplink_error_ms"]
         uplink_diffs.append(diff)
@@ -221,7 +221,7 @@ async def test_asymmetric_path_estimate_stays_within_the_round_trip(stack_factor
         rtts.append(rtt)
         uplink = attrs["latency.uplink_ms"] - record["pre"]
         # No two-way exchange can split 40/10: the estimate is centred on
-        # rtt/2 and always within [0, rtt] (DESIGN §6, the physics note).
+        # rtt/2 and always within [0, rtt] (README, "How the latency is measured").
         assert 0.0 <= uplink <= rtt, (attrs, record)
         ACCURACY.append(
             f"skew=         0  path=40/10  pre={record['pre']:6.2f}  "
