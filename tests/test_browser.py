@@ -11,6 +11,7 @@ when it cannot start.
 from __future__ import annotations
 
 import statistics
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page
+from werkzeug.serving import BaseWSGIServer, make_server
 
 from tests.browser import DemoThread, chromium, skew_script
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -61,6 +63,29 @@ class Stack:
 
     def spans(self, trace_ids: set[str]) -> list[ReceivedSpan]:
         return [s for s in self.receiver.spans if s.trace_id in trace_ids]
+
+
+class OnePage:
+    """One HTML page on a loopback port (a real server: Chromium keeps pages
+    it did not get from the network out of the loopback address space)."""
+
+    def __init__(self, html: str, port: int) -> None:
+        def app(environ: Any, start_response: Any) -> list[bytes]:
+            start_response("200 OK", [("Content-Type", "text/html"), ("Cache-Control", "no-store")])
+            return [html.encode()]
+
+        self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
+        self.url = f"http://127.0.0.1:{port}/"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> OnePage:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
 
 
 def start_gateway(stack: ExitStack, backend: Process, receiver: OtlpReceiver, origin: str) -> str:
@@ -288,6 +313,65 @@ async def test_the_first_request_of_a_page_load_is_traced(
     assert server.attributes["gateway.context.source"] != "none"
     assert server.attributes["latency.status"] == "unsynced"  # by design, never absent
     assert server.parent_span_id == browser_span.span_id == first["spanId"]
+
+
+async def test_the_module_variant_tags_the_first_request_too(
+    browser: Browser, backend_proc: Process, receiver: OtlpReceiver, demo_port: int
+) -> None:
+    """snippet.mjs: its init() brings the allow-list of the gateway it was
+    imported from, so the page's first request is tagged as with the script."""
+    origin = f"http://127.0.0.1:{demo_port}"
+    with ExitStack() as stack:
+        base = start_gateway(stack, backend_proc, receiver, origin)
+        context = await browser.new_context()
+        page = await context.new_page()
+        html = f"""<!doctype html><script type="module">
+          import {{ init }} from "{base}/__gateway/snippet.mjs";
+          init({{ gatewayOrigins: ["{base}"] }});
+          fetch("{base}/api/echo/module-first").then((r) => r.json())
+            .then((echo) => (window.echoed = echo), (e) => (window.echoed = String(e)));
+        </script>"""
+        page_server = stack.enter_context(OnePage(html, demo_port))
+        await page.goto(page_server.url)
+        echoed = await _wait_for(page, "window.echoed")
+        await context.close()
+    names = {name.lower() for name, _ in echoed["headers"]}
+    assert "traceparent" in names  # the gateway's own, continuing ours
+    spans = receiver.wait_for(
+        lambda spans: any(s.attributes.get("url.path") == "/api/echo/module-first" for s in spans)
+    )
+    [server] = [
+        s
+        for s in spans
+        if s.service == "gateway" and s.attributes.get("url.path") == "/api/echo/module-first"
+    ]
+    assert server.attributes["gateway.context.source"] == "traceparent"
+    assert server.attributes["latency.status"] == "unsynced"
+
+
+async def test_a_single_page_navigation_resyncs_only_after_a_clock_jump(
+    browser: Browser, backend_proc: Process, receiver: OtlpReceiver, demo_port: int
+) -> None:
+    with ExitStack() as stack:
+        base = start_gateway(stack, backend_proc, receiver, f"http://127.0.0.1:{demo_port}")
+        demo = stack.enter_context(DemoThread(base, port=demo_port))
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(demo.url)
+        await _wait_for(page, "LatencyGateway.clock() && LatencyGateway.clock().best != null")
+        count = (
+            "performance.getEntriesByType('resource')"
+            ".filter(e => e.name.includes('/__gateway/clock')).length"
+        )
+        before = await page.evaluate(count)
+        await page.evaluate("history.pushState({}, '', '/feed')")
+        # The wall clock steps 10 s ahead (the system clock was set), then a navigation.
+        await page.evaluate("const now = Date.now; Date.now = () => now() + 10000")
+        await page.evaluate("history.pushState({}, '', '/later')")
+        await _wait_for(page, f"{count} >= {before} + 5 && LatencyGateway.clock().best != null")
+        after = await page.evaluate(count)
+        await context.close()
+    assert after == before + 5  # one fresh burst: none for the navigation without a jump
 
 
 async def test_a_throwing_snippet_leaves_the_page_request_untouched(
