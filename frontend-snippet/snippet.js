@@ -35,7 +35,7 @@
     } catch (e) {}
   };
 
-  // -- pure helpers (exported for node --test) -----------------------------------
+  // -- pure helpers (test/helpers.js reaches them for node --test) --------------------
 
   const f3 = (v) => v.toFixed(3);
   const NUM = /^-?\d{1,16}(\.\d{1,9})?$/; // a finite decimal, as the gateway writes them
@@ -215,7 +215,8 @@
     const u = ok(url);
     if (!u) return;
     // The page's own trace context wins (its ids still describe the request);
-    // a page SDK may also add it after us, when it wrapped fetch first.
+    // a page SDK may also add it after us, when it wrapped fetch first: own is
+    // then true, and the ids are not ours to know.
     const o = S.get(u.origin), own = h.get("traceparent") || pageOwns(), tp = own || traceparent(hex(16), hex(8));
     let c0 = toC(p);
     c0 += anchor();
@@ -291,10 +292,10 @@
 
   // -- beacon ------------------------------------------------------------------------
 
-  /** POST entries as text/plain (CORS-safelisted: no preflight; a string
-   * body is sent as text/plain;charset=UTF-8, Fetch standard "extract a
-   * body; the gateway grants CORS to the origins it enables), at most 60 KB a body (keepalive requests share a 64 KiB quota,
-   * Fetch §4.1). */
+  /** POST entries as text/plain, CORS-safelisted, so no preflight: a string
+   * body goes as text/plain;charset=UTF-8 (Fetch standard, "extract a
+   * body"), and the gateway grants CORS to the origins it enables. At most
+   * 60 KB a body (keepalive requests share a 64 KiB quota, Fetch §4.1). */
   const send = (u, e) => {
     const b = JSON.stringify({ v: 1, e }), h = e.length >> 1;
     if (b.length > 6e4) return h && (send(u, e.slice(0, h)), send(u, e.slice(h)));
