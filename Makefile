@@ -47,11 +47,17 @@ frontend-snippet/node_modules/.installed: frontend-snippet/package.json frontend
 	cd frontend-snippet && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# The page SDKs (OpenTelemetry web, Honeycomb) and esbuild for
+# tests/test_coexistence.py, pinned by tests/pages/package-lock.json.
+tests/pages/node_modules/.installed: tests/pages/package.json tests/pages/package-lock.json
+	cd tests/pages && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 js: frontend-snippet/node_modules/.installed  ## the snippet's node tests and size check
 	node --test frontend-snippet/test/
 	node frontend-snippet/scripts/size.mjs
 
-unit: $(VENV)/.dev system  ## the Python test suite only (no lint)
+unit: $(VENV)/.dev system tests/pages/node_modules/.installed  ## the Python test suite only (no lint)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint js unit  ## lint + the snippet's tests + the whole Python suite (what CI runs)

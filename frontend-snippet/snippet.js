@@ -11,6 +11,8 @@
  * the origin it was loaded from is a gateway, data-gateway-origins="a,b" adds
  * more, data-beacon="off" turns the beacon off. As an ES module
  * (/__gateway/snippet.mjs, this file plus an export footer) call init({...}).
+ * A page SDK that owns trace context (OpenTelemetry web, Honeycomb) keeps it:
+ * then only the X-Client-* headers are ours (init's traceContext).
  * Every risky call is guarded: a failure in here leaves the page's request
  * exactly as the page made it.
  */
@@ -22,6 +24,10 @@
   const CS = D && D.currentScript;
   const PFX = "/__gateway/";
   const JUMP_MS = 1e3;
+  // The gateway that serves this file writes here the page origins it grants
+  // CORS (GATEWAY_ALLOWED_ORIGINS) as one anchored pattern, as a JSON string;
+  // null in a copy served from anywhere else.
+  const ALLOWED = /*@gateway-allowed-origins*/ null;
   const noop = () => {};
   const safe = (f) => {
     try {
@@ -29,9 +35,9 @@
     } catch (e) {}
   };
 
-  // -- pure helpers (exported for node --test) -----------------------------------
+  // -- pure helpers (test/helpers.js reaches them for node --test) --------------------
 
-  const f3 = (v) => (+v).toFixed(3);
+  const f3 = (v) => v.toFixed(3);
   const NUM = /^-?\d{1,16}(\.\d{1,9})?$/; // a finite decimal, as the gateway writes them
   const r3 = (v) => Math.round(v * 1e3) / 1e3;
 
@@ -115,6 +121,9 @@
       return !u.pathname.startsWith(PFX) && isOn(u.origin) ? u : null;
     }) || null;
 
+  /** Whether a gateway's allow-list pattern (ALLOWED) matches origin. */
+  const allows = (pattern, origin) => !!pattern && RegExp(pattern).test(origin);
+
   /** Add the sample and keep the token of a gateway answer (k) to a request
    * sent at c0 (none for the burst), unless the answer is stale: false then.
    * A copy from the HTTP cache (RFC 9111) or a CDN repeats an old
@@ -138,22 +147,26 @@
   const toC = (p) => (p > 0 ? r3(aD + (p - aP)) : 0); // a performance time; 0 = mark unavailable
   const C = () => toC(P.now());
   const S = new Map(); // origin → {s: samples, k: token, q: beacons, on: enabled, y: synced, b: burst begun, p: prev}
-  /** Re-anchor C on Date.now(); returns by how much C moved.
+  /** Re-anchor C on Date.now() when the two are more than a second apart;
+   * returns by how much C moved (0: it did not).
    * performance.now() stalls while the machine sleeps in some browsers
    * (w3c/hr-time#115) and Date.now() steps when the system clock is set. Past
    * a second apart we cannot tell which one moved, so the offsets measured
-   * against the old C are unknown: the samples go. */
+   * against the old C are unknown: the samples go, and each gateway whose
+   * burst is over gets a fresh one. Closer than that, C stays as it is: a
+   * small re-anchor would shift every offset measured against it. */
   const anchor = () => {
     const j = Date.now() - C();
+    if (Math.abs(j) <= JUMP_MS) return 0;
     aD = Date.now();
     aP = P.now();
-    if (Math.abs(j) > JUMP_MS) for (const o of S.values()) o.s.length = 0;
+    for (const [g, o] of S) (o.s.length = 0), o.b && o.y && burst(g, o);
     return j;
   };
 
   // -- requests ------------------------------------------------------------------------
 
-  let F, first, tm, B, N, FM;
+  let F, first, tm, B, N, FM, TC;
   const K = Symbol(); // our mark on XHRs and matched entries
   const R = []; // the last 50 request results, newest last
   const pend = []; // records waiting for their Resource Timing entry
@@ -162,16 +175,19 @@
   // A listener's exception is reported by the browser, never thrown here.
   const emit = (d) => dispatchEvent(new CustomEvent("latency-gateway", { detail: Object.assign({}, d) }));
 
-  /** The start-up sync burst against one gateway origin, with the page's own
-   * fetch. The first answer also proves the gateway grants this page CORS:
-   * until then, and for ever if it fails, requests to that origin get none
-   * of our headers, so they stay simple requests with no preflight. */
+  /** The sync burst against one gateway origin, with the page's own fetch.
+   * The first answer also proves the gateway grants this page CORS. Until
+   * then requests to that origin get none of our headers, so they stay
+   * simple requests with no preflight, unless the allow-list the gateway
+   * served already names the page. Without that first answer, requests there
+   * are never tagged: a cached copy of the snippet may carry a stale list. */
   const burst = async (g, o) => {
-    o.y = 0;
+    let i = (o.y = 0);
     try {
-      for (let i = 0; i < N; i++) {
+      for (; i < N; i++) {
         const u = g + PFX + "clock?n=" + i;
-        let t0 = C(), r = await F(u, { cache: "no-store", credentials: "omit", mode: "cors" }), t3 = C();
+        // mode "cors" is fetch()'s default (Fetch standard, Request constructor).
+        let t0 = C(), r = await F(u, { cache: "no-store", credentials: "omit" }), t3 = C();
         const k = parseGatewayClock(r.headers.get("x-gateway-clock"));
         if (!k) break;
         await r.arrayBuffer(); // its Resource Timing entry is complete with the body
@@ -182,25 +198,35 @@
         o.on = 1;
       }
     } catch (e) {} // a CORS refusal or a network error ends the burst
+    if (!i) o.on = 0;
     o.y = 1;
   };
+
+  /** Whether a page SDK owns trace context: init's traceContext "page", or
+   * "auto" (the default) once the OpenTelemetry JS API has a global tracer
+   * provider (@opentelemetry/api registers it under this symbol, whichever
+   * SDK set it up). Then we leave traceparent to it: two writers would orphan
+   * one of the spans. */
+  const pageOwns = () => TC == "page" || (TC != "snippet" && !!(G[Symbol.for("opentelemetry.js.api.1")] || {}).trace);
 
   /** Our headers into h when the URL is eligible; returns the request's
    * record. p = performance.now() read first thing in the wrapper. */
   const tag = (h, method, url, p) => {
     const u = ok(url);
     if (!u) return;
-    const o = S.get(u.origin), own = h.get("traceparent"), tp = own || traceparent(hex(16), hex(8));
+    // The page's own trace context wins (its ids still describe the request);
+    // a page SDK may also add it after us, when it wrapped fetch first: own is
+    // then true, and the ids are not ours to know.
+    const o = S.get(u.origin), own = h.get("traceparent") || pageOwns(), tp = own || traceparent(hex(16), hex(8));
     let c0 = toC(p);
-    if (Math.abs(Date.now() - C()) > JUMP_MS) c0 += anchor();
-    // The page's own trace context wins (its ids still describe the request).
+    c0 += anchor();
     if (!own) h.set("traceparent", tp);
-    const [, traceId, spanId] = tp.split("-");
-    const x = { o, p, c0, own, d: { traceId, spanId, url: u.href, method, gw: null, uplink: null, verdict: null, rtt: null, pre: null } };
+    const [, traceId, spanId] = (tp + "").split("-");
+    const x = { o, p, c0, own, tp, d: { traceId, spanId, url: u.href, method, gw: null, uplink: null, verdict: null, rtt: null, pre: null } };
     h.set("x-client-timestamp", f3(c0));
     // Not before the burst is over: its first samples are its worst.
     const b = o.y && best(o.s);
-    if (b) h.set("x-client-clock", clockHeader(b, o.k, c0)), (x.off = r3(b.off));
+    if (b) h.set("x-client-clock", clockHeader(b, o.k, c0));
     // Sent once, so that each measured round trip lands on one gateway span
     // and aggregates such as P95(latency.rtt_ms) count it once.
     if (o.p) h.set("x-client-prev", o.p), (o.p = 0);
@@ -220,8 +246,9 @@
       R.push(d) > 50 && R.shift();
       emit(d);
       pend.push(x) > 50 && pend.shift();
-      // In case the observer's callback came first, or never comes.
-      setTimeout(() => safe(() => P.getEntriesByName(d.url).forEach(match)), 1e3);
+      // In case the entry is in the buffer already: the observer's callback
+      // came first, with nothing to match yet.
+      P.getEntriesByName(d.url).forEach(match);
     });
 
   const MARKS = "startTime fetchStart domainLookupStart domainLookupEnd connectStart connectEnd requestStart responseStart responseEnd".split(" ");
@@ -254,7 +281,10 @@
     if (B && x.k && x.k.b && !x.own) {
       const marks = {};
       for (const n of MARKS) marks[n] = toC(e[n]);
-      o.q.push({ tp: traceparent(d.traceId, d.spanId), m: d.method, u: d.url, tok: x.k.tok, b: x.k.b, off: x.off, marks }) < 20
+      // off: today's best offset. The gateway uses it only for a request
+      // sent unsynced (e.g. the first of a page load, before the burst's
+      // answers); a synced one is placed by its token alone.
+      o.q.push({ tp: x.tp, m: d.method, u: d.url, tok: x.k.tok, b: x.k.b, off: r3((best(o.s) || {}).off), marks }) < 20
         ? tm || (tm = setTimeout(flush, FM))
         : flush();
     }
@@ -262,13 +292,15 @@
 
   // -- beacon ------------------------------------------------------------------------
 
-  /** POST entries as text/plain (CORS-safelisted: no preflight), at most
+  /** POST entries as text/plain, CORS-safelisted, so no preflight: a string
+   * body goes as text/plain;charset=UTF-8 (Fetch standard, "extract a
+   * body"), and the gateway grants CORS to the origins it enables. At most
    * 60 KB a body (keepalive requests share a 64 KiB quota, Fetch §4.1). */
   const send = (u, e) => {
     const b = JSON.stringify({ v: 1, e }), h = e.length >> 1;
     if (b.length > 6e4) return h && (send(u, e.slice(0, h)), send(u, e.slice(h)));
-    safe(() => navigator.sendBeacon(u, new Blob([b], { type: "text/plain" }))) ||
-      safe(() => F(u, { method: "POST", body: b, keepalive: true, mode: "no-cors" }).catch(noop));
+    safe(() => navigator.sendBeacon(u, b)) ||
+      safe(() => F(u, { method: "POST", body: b, keepalive: true }).catch(noop));
   };
   const flush = () => {
     clearTimeout(tm);
@@ -300,7 +332,7 @@
   const wrapXHR = (X) => {
     const { open, send: xsend, setRequestHeader: set } = X;
     X.open = function (m, u) {
-      safe(() => (this[K] = { m: (m + "").toUpperCase(), u: u + "" }));
+      safe(() => (this[K] = { m: (m + "").toUpperCase(), u }));
       return open.apply(this, arguments);
     };
     X.setRequestHeader = function (k, v) {
@@ -321,31 +353,49 @@
 
   // -- init --------------------------------------------------------------------------
 
-  /** init({gatewayOrigins, beacon = true, syncSamples = 5, flushMs = 5000}).
-   * Origins are absolute URLs ("https://gw.example"). Calling it again wraps
-   * nothing twice: it adds origins and sets the options anew. */
+  /** init({gatewayOrigins, beacon = true, syncSamples = 5, flushMs = 5000,
+   * traceContext = "auto" | "page" | "snippet", allowedOrigins}). Origins
+   * are absolute URLs ("https://gw.example"). allowedOrigins maps a gateway
+   * origin to the allow-list it serves (the gateway fills it in when it
+   * serves the snippet): a gateway whose list names the page's origin gets
+   * our headers from the first request, while the sync burst runs. Calling
+   * init again wraps nothing twice: it adds origins and sets the options anew. */
   const init = (opt = {}) => {
     safe(() => {
       if (!D || !G.fetch) return;
       B = opt.beacon != false;
       N = opt.syncSamples || 5;
       FM = opt.flushMs || 5e3;
+      TC = opt.traceContext;
       if (!F) {
         F = G.fetch;
         anchor();
         // Coming back to a tab is when a stalled clock shows: re-anchor before
-        // its first request. Leaving may be the last chance to report.
+        // its first request. Leaving may be the last chance to report, and
+        // hidden is the last event Safari and mobile Chrome reliably fire
+        // before discarding a page (pagehide may never come).
         D.addEventListener("visibilitychange", () => (D.hidden ? flush() : anchor()));
         addEventListener("pagehide", flush);
+        // A single-page app's navigation (history.pushState, back/forward):
+        // the same check, so a fresh sync only when the clock jumped.
+        addEventListener("popstate", anchor);
         safe(() => new PerformanceObserver((l) => safe(() => l.getEntries().forEach(match))).observe({ type: "resource", buffered: true }));
         state(location.origin).on = 1; // same-origin: no CORS to ask for
         wrapFetch();
         wrapXHR(XMLHttpRequest.prototype);
+        safe(() => {
+          const h = history, push = h.pushState;
+          h.pushState = function () {
+            anchor();
+            return push.apply(this, arguments);
+          };
+        });
       }
       for (const s of opt.gatewayOrigins || [])
         safe(() => {
           const g = new URL(s).origin, o = state(g);
           first = first || g;
+          if (allows((opt.allowedOrigins || {})[g], location.origin)) o.on = 1;
           if (!o.b) (o.b = 1), burst(g, o);
         });
     });
@@ -372,12 +422,7 @@
       api.init({
         gatewayOrigins: [CS.src, ...(CS.dataset.gatewayOrigins || "").split(",")],
         beacon: CS.dataset.beacon != "off",
+        allowedOrigins: { [new URL(CS.src).origin]: ALLOWED },
       })
     );
-
-  if (typeof module == "object" && module.exports)
-    module.exports = {
-      hex, traceparent, timestampHeader: f3, clockHeader, prevHeader, sample, addSample, best,
-      parseServerTiming, parseGatewayClock, target, take,
-    };
 })();

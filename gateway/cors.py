@@ -151,6 +151,18 @@ class Cors:
         self.exact = frozenset(exact)
         self.patterns = tuple(patterns)
 
+    def browser_pattern(self) -> str | None:
+        """The allow-list as one anchored regular expression, for the snippet
+        the gateway serves (``reserved.py``): the same verdicts as
+        :meth:`origin`, in the syntax JavaScript's ``RegExp`` and Python's
+        ``re`` share (escaped literals, a class, a bounded repeat). None when
+        no cross-origin page is allowed."""
+        label = _LABEL.pattern
+        choices = sorted(re.escape(origin) for origin in self.exact) + [
+            re.escape(p.prefix) + label + re.escape(p.suffix) for p in self.patterns
+        ]
+        return "^(?:" + "|".join(choices) + ")$" if choices else None
+
     def describe(self) -> str:
         """For the start-up log line: which origins may call cross-origin."""
         if not self.exact and not self.patterns:

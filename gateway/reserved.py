@@ -51,9 +51,18 @@ SNIPPET_PATH: Final = snippet_path(
     resources.files("gateway") / "snippet.js",
     Path(__file__).resolve().parent.parent / "frontend-snippet" / "snippet.js",
 )
+#: Where the served snippet receives the allow-list (a JSON string, or null).
+ALLOWED_ORIGINS_MARKER: Final = b"/*@gateway-allowed-origins*/ null"
+#: Importing the module initialises nothing; its init() also gets the
+#: allow-list of the gateway it came from (import.meta.url), so requests to
+#: that gateway are tagged from the first one, as with the classic script.
 SNIPPET_MODULE_FOOTER: Final = (
-    b"\nexport const init = globalThis.LatencyGateway.init;"
-    b"\nexport default globalThis.LatencyGateway;\n"
+    b"\nconst api = globalThis.LatencyGateway;"
+    b"\nconst allowedOrigins = { [new URL(import.meta.url).origin]: "
+    + ALLOWED_ORIGINS_MARKER
+    + b" };"
+    b"\nexport const init = (options) => api.init(Object.assign({ allowedOrigins }, options));"
+    b"\nexport default Object.assign({}, api, { init });\n"
 )
 #: Browsers may reuse the snippet for 5 minutes, then revalidate by ETag.
 SNIPPET_MAX_AGE_S: Final = 300
@@ -100,11 +109,15 @@ class Reserved:
         # The gateway's own sampler: browser spans follow its decision for the
         # same trace (see beacon.ingest).
         self.sampler = telemetry.provider.sampler if telemetry is not None else None
-        self.snippet: tuple[bytes, str] | None = None
+        #: (classic, module) bodies with their ETags; start-up work, before
+        #: the loop serves anything.
+        self.snippet: tuple[tuple[bytes, str], tuple[bytes, str]] | None = None
         if SNIPPET_PATH.is_file():
-            # Start-up work, before the loop serves anything.
-            data = SNIPPET_PATH.read_bytes()
-            self.snippet = (data, '"' + hashlib.sha256(data).hexdigest()[:20] + '"')
+            source = SNIPPET_PATH.read_bytes()
+            allowed = cors.browser_pattern()
+            classic = served_snippet(source, allowed)
+            module = served_snippet(source + SNIPPET_MODULE_FOOTER, allowed)
+            self.snippet = ((classic, etag_of(classic)), (module, etag_of(module)))
 
     def add_routes(self, router: web.UrlDispatcher, prefix: str) -> None:
         router.add_get(prefix + "health", self.health, allow_head=True)
@@ -195,14 +208,18 @@ class Reserved:
 
     async def snippet_file(self, request: web.Request) -> web.Response:
         """The snippet, cacheable, with an ETag (a classic script needs no CORS;
-        the module variant does, for allowed origins)."""
+        the module variant does, for allowed origins).
+
+        The body carries the whole allow-list, never a verdict for the
+        requesting page: a classic ``<script src>`` sends no Origin to judge,
+        and CDNs commonly ignore ``Vary: Origin``, so a verdict cached for one
+        page would reach another (one not enabled would then send headers
+        that need a preflight the gateway refuses). The same bytes for every
+        page are safe in any cache; the snippet checks its own origin."""
         if self.snippet is None:
             return json_error(404, f"snippet not found at {SNIPPET_PATH}")
-        body, etag = self.snippet
         module = request.path.endswith(".mjs")
-        if module:
-            body += SNIPPET_MODULE_FOOTER
-            etag = etag[:-1] + '-m"'
+        body, etag = self.snippet[module]
         headers = CIMultiDict(
             {
                 "ETag": etag,
@@ -291,6 +308,17 @@ class Reserved:
         return await self.reserved_not_found(request)
 
     # -- the proxy -------------------------------------------------------
+
+
+def served_snippet(source: bytes, allowed_pattern: str | None) -> bytes:
+    """The snippet source with the allow-list written at its marker, as a
+    JSON string (valid JavaScript; U+2028/2029 arrive escaped) or null."""
+    value = json.dumps(allowed_pattern).encode()
+    return source.replace(ALLOWED_ORIGINS_MARKER, b"/*@gateway-allowed-origins*/ " + value)
+
+
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
 
 
 def is_loopback(address: str) -> bool:

@@ -11,6 +11,7 @@ when it cannot start.
 from __future__ import annotations
 
 import statistics
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page
+from werkzeug.serving import BaseWSGIServer, make_server
 
 from tests.browser import DemoThread, chromium, skew_script
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -61,6 +63,29 @@ class Stack:
 
     def spans(self, trace_ids: set[str]) -> list[ReceivedSpan]:
         return [s for s in self.receiver.spans if s.trace_id in trace_ids]
+
+
+class OnePage:
+    """One HTML page on a loopback port (a real server: Chromium keeps pages
+    it did not get from the network out of the loopback address space)."""
+
+    def __init__(self, html: str, port: int) -> None:
+        def app(environ: Any, start_response: Any) -> list[bytes]:
+            start_response("200 OK", [("Content-Type", "text/html"), ("Cache-Control", "no-store")])
+            return [html.encode()]
+
+        self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
+        self.url = f"http://127.0.0.1:{port}/"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> OnePage:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
 
 
 def start_gateway(stack: ExitStack, backend: Process, receiver: OtlpReceiver, origin: str) -> str:
@@ -118,10 +143,13 @@ async def stack_factory(
 
 async def _requests_settled(page: Page, count: int) -> list[dict[str, Any]]:
     """The snippet's records of the last ``count`` requests, once each has been
-    matched to its Resource Timing entry (rtt/pre known)."""
+    matched to its Resource Timing entry (rtt/pre known). The last ones, not
+    the last matched: the page's own request on load is a record too (it is
+    tagged from the first request on), and must not stand in for a click
+    whose entry is not matched yet."""
+    last = f"LatencyGateway.requests.slice(-{count})"
     expression = (
-        f"LatencyGateway.requests.filter(r => r.pre != null).length >= {count} && "
-        f"LatencyGateway.requests.filter(r => r.pre != null).slice(-{count})"
+        f"LatencyGateway.requests.length >= {count} && {last}.every(r => r.pre != null) && {last}"
     )
     records: list[dict[str, Any]] = await _wait_for(page, expression)
     return records
@@ -179,7 +207,7 @@ async def test_measured_latency_in_chromium_at_any_skew(stack_factory: Any, skew
         assert attrs["latency.trust"] == "server_bounded"
         # The uplink counts from fetch(): the injected 25 ms plus the browser's
         # own wait before the request left (Resource Timing requestStart −
-        # startTime, ARCHITECTURE.md §6), within the error the gateway reported.
+        # startTime), within the error the gateway reported.
         diff = attrs["latency.uplink_ms"] - (25.0 + record["pre"])
         outside += abs(diff) > attrs["latency.uplink_error_ms"]
         uplink_diffs.append(diff)
@@ -221,7 +249,7 @@ async def test_asymmetric_path_estimate_stays_within_the_round_trip(stack_factor
         rtts.append(rtt)
         uplink = attrs["latency.uplink_ms"] - record["pre"]
         # No two-way exchange can split 40/10: the estimate is centred on
-        # rtt/2 and always within [0, rtt] (ARCHITECTURE.md §6, the physics note).
+        # rtt/2 and always within [0, rtt] (README, "How the latency is measured").
         assert 0.0 <= uplink <= rtt, (attrs, record)
         ACCURACY.append(
             f"skew=         0  path=40/10  pre={record['pre']:6.2f}  "
@@ -240,6 +268,112 @@ async def test_burst_of_identical_requests_are_each_matched(stack_factory: Any) 
         # Matched to its own Resource Timing entry: the gw figure agrees.
         attrs = servers[record["traceId"]].attributes
         assert record["gw"] == pytest.approx(attrs["latency.gateway_ms"], abs=0.01)
+
+
+async def test_the_first_request_of_a_page_load_is_traced(
+    browser: Browser, backend_proc: Process, receiver: OtlpReceiver, demo_port: int
+) -> None:
+    """The demo fetches its feed on load, before the sync burst can have
+    proven CORS: the allow-list served with the snippet enables the gateway at
+    once, so that request carries our trace context and X-Client-Timestamp."""
+    with ExitStack() as stack:
+        base = start_gateway(stack, backend_proc, receiver, f"http://127.0.0.1:{demo_port}")
+        demo = stack.enter_context(DemoThread(base, port=demo_port))
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(demo.url)
+        await page.evaluate("window.demoReady")
+        # The first record is the page's first request (the burst makes none).
+        first: dict[str, Any] = await _wait_for(
+            page,
+            "LatencyGateway.requests.length > 0 && LatencyGateway.requests[0].pre != null "
+            "&& LatencyGateway.requests[0]",
+        )
+        clock_requests = await page.evaluate(
+            "performance.getEntriesByType('resource')"
+            ".filter(e => e.name.includes('/__gateway/clock')).map(e => e.startTime)"
+        )
+        feed_start = await page.evaluate(
+            f"performance.getEntriesByName({first['url']!r})[0].startTime"
+        )
+        await page.evaluate("window.dispatchEvent(new Event('pagehide'))")
+        spans = receiver.wait_for(
+            lambda spans: (
+                {"browser", "gateway"}
+                <= {s.service for s in spans if s.trace_id == first["traceId"]}
+            )
+        )
+        await context.close()
+    # It left before the burst had its answers: only the allow-list enabled it.
+    assert clock_requests
+    assert feed_start < max(clock_requests)
+    [server] = [
+        s
+        for s in spans
+        if s.trace_id == first["traceId"] and s.service == "gateway" and s.kind == SERVER
+    ]
+    [browser_span] = [s for s in spans if s.trace_id == first["traceId"] and s.service == "browser"]
+    assert server.attributes["gateway.context.source"] != "none"
+    assert server.attributes["latency.status"] == "unsynced"  # by design, never absent
+    assert server.parent_span_id == browser_span.span_id == first["spanId"]
+
+
+async def test_the_module_variant_tags_the_first_request_too(
+    browser: Browser, backend_proc: Process, receiver: OtlpReceiver, demo_port: int
+) -> None:
+    """snippet.mjs: its init() brings the allow-list of the gateway it was
+    imported from, so the page's first request is tagged as with the script."""
+    origin = f"http://127.0.0.1:{demo_port}"
+    with ExitStack() as stack:
+        base = start_gateway(stack, backend_proc, receiver, origin)
+        context = await browser.new_context()
+        page = await context.new_page()
+        html = f"""<!doctype html><script type="module">
+          import {{ init }} from "{base}/__gateway/snippet.mjs";
+          init({{ gatewayOrigins: ["{base}"] }});
+          fetch("{base}/api/echo/module-first").then((r) => r.json())
+            .then((echo) => (window.echoed = echo), (e) => (window.echoed = String(e)));
+        </script>"""
+        page_server = stack.enter_context(OnePage(html, demo_port))
+        await page.goto(page_server.url)
+        echoed = await _wait_for(page, "window.echoed")
+        await context.close()
+    assert echoed["raw_uri"] == "/api/echo/module-first", echoed
+    spans = receiver.wait_for(
+        lambda spans: any(s.attributes.get("url.path") == "/api/echo/module-first" for s in spans)
+    )
+    [server] = [
+        s
+        for s in spans
+        if s.service == "gateway" and s.attributes.get("url.path") == "/api/echo/module-first"
+    ]
+    assert server.attributes["gateway.context.source"] == "traceparent"
+    assert server.attributes["latency.status"] == "unsynced"
+
+
+async def test_a_single_page_navigation_resyncs_only_after_a_clock_jump(
+    browser: Browser, backend_proc: Process, receiver: OtlpReceiver, demo_port: int
+) -> None:
+    with ExitStack() as stack:
+        base = start_gateway(stack, backend_proc, receiver, f"http://127.0.0.1:{demo_port}")
+        demo = stack.enter_context(DemoThread(base, port=demo_port))
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(demo.url)
+        await _wait_for(page, "LatencyGateway.clock() && LatencyGateway.clock().best != null")
+        count = (
+            "performance.getEntriesByType('resource')"
+            ".filter(e => e.name.includes('/__gateway/clock')).length"
+        )
+        before = await page.evaluate(count)
+        await page.evaluate("history.pushState({}, '', '/feed')")
+        # The wall clock steps 10 s ahead (the system clock was set), then a navigation.
+        await page.evaluate("const now = Date.now; Date.now = () => now() + 10000")
+        await page.evaluate("history.pushState({}, '', '/later')")
+        await _wait_for(page, f"{count} >= {before} + 5 && LatencyGateway.clock().best != null")
+        after = await page.evaluate(count)
+        await context.close()
+    assert after == before + 5  # one fresh burst: none for the navigation without a jump
 
 
 async def test_a_throwing_snippet_leaves_the_page_request_untouched(

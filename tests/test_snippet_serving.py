@@ -1,19 +1,35 @@
-"""The snippet served by the gateway: /__gateway/snippet.js and .mjs."""
+"""The snippet served by the gateway: /__gateway/snippet.js and .mjs, with
+the allow-list the snippet needs to tag the first request of a page."""
 
 from __future__ import annotations
 
-import aiohttp
+import json
+import re
 
+import aiohttp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.cors import Cors
+from gateway.reserved import ALLOWED_ORIGINS_MARKER, SNIPPET_PATH
 from tests.conftest import GatewayFactory
 
 ORIGIN = {"Origin": "http://localhost:3000"}
+ALLOWED = ("http://localhost:3000", "https://*.example.com")
+
+
+def allow_list_in(body: bytes) -> str | None:
+    """The value the gateway wrote at the snippet's marker (JSON), parsed."""
+    marker = ALLOWED_ORIGINS_MARKER.removesuffix(b"null")
+    start = body.index(marker) + len(marker)
+    value, _ = json.JSONDecoder().raw_decode(body[start:].decode())
+    assert value is None or isinstance(value, str)
+    return value
 
 
 async def test_snippet_is_served_cacheable_with_etag(
     gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    from gateway.reserved import SNIPPET_PATH
-
     base = await gateway()
     async with http.get(base + "/__gateway/snippet.js") as resp:
         assert resp.status == 200
@@ -21,7 +37,13 @@ async def test_snippet_is_served_cacheable_with_etag(
         etag = resp.headers["ETag"]
         assert resp.headers["Content-Type"].startswith("text/javascript")
         assert "max-age=" in resp.headers["Cache-Control"]
-    assert body == SNIPPET_PATH.read_bytes()
+    source = SNIPPET_PATH.read_bytes()
+    # The file as it is, but for the allow-list at its marker.
+    assert body.count(b"/*@gateway-allowed-origins*/ ") == 1
+    assert (
+        re.sub(rb"/\*@gateway-allowed-origins\*/ \"[^\"]*\"", ALLOWED_ORIGINS_MARKER, body)
+        == source
+    )
     async with http.get(base + "/__gateway/snippet.js", headers={"If-None-Match": etag}) as r:
         assert r.status == 304
         assert await r.read() == b""
@@ -31,3 +53,65 @@ async def test_snippet_is_served_cacheable_with_etag(
         assert b"export default" in module
         assert resp.headers["ETag"] != etag
         assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN["Origin"]
+
+
+async def test_the_served_allow_list_matches_what_cors_grants(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    base = await gateway(allowed_origins=ALLOWED)
+    for path in ("/__gateway/snippet.js", "/__gateway/snippet.mjs"):
+        async with http.get(base + path) as resp:
+            body = await resp.read()
+        pattern = allow_list_in(body)
+        assert pattern is not None
+        # Python's re and JavaScript's RegExp read this pattern alike.
+        for origin in ("http://localhost:3000", "https://app.example.com"):
+            assert re.fullmatch(pattern, origin), origin
+        for origin in ("http://localhost:3001", "https://a.b.example.com", "https://example.com"):
+            assert not re.fullmatch(pattern, origin), origin
+    # The module carries it twice: in the file and in its init().
+    assert body.count(json.dumps(pattern).encode()) == 2
+
+
+async def test_the_snippet_is_the_same_bytes_for_every_page(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """Cache-safe: a CDN that ignores Vary: Origin (many do) can serve one
+    page's copy to any other, so the body holds the allow-list itself, never
+    a verdict about the page that asked."""
+    base = await gateway(allowed_origins=ALLOWED)
+    bodies = set()
+    for headers in ({}, ORIGIN, {"Origin": "https://evil.test"}, {"Origin": "null"}):
+        async with http.get(base + "/__gateway/snippet.js", headers=headers) as resp:
+            bodies.add((await resp.read(), resp.headers["ETag"]))
+    assert len(bodies) == 1
+
+
+async def test_no_cross_origin_page_allowed_serves_null(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    base = await gateway(allowed_origins=())
+    for path in ("/__gateway/snippet.js", "/__gateway/snippet.mjs"):
+        async with http.get(base + path) as resp:
+            assert allow_list_in(await resp.read()) is None
+
+
+LABEL = st.from_regex(r"[a-z0-9-]{0,64}", fullmatch=True)
+ORIGINS = st.one_of(
+    st.sampled_from(["http://localhost:3000", "https://example.com", "null", ""]),
+    st.builds(lambda a, b: f"https://{a}.{b}.example.com", LABEL, LABEL),
+    st.builds(lambda a: f"https://{a}.example.com", LABEL),
+    st.builds(lambda a: f"https://{a}.example.com:8443", LABEL),
+    st.builds(lambda a: f"http://{a}.example.com", LABEL),
+    st.text(max_size=40),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(origin=ORIGINS)
+def test_browser_pattern_gives_the_same_verdict_as_cors(origin: str) -> None:
+    cors = Cors(("http://localhost:3000", "https://*.example.com", "https://*.example.com:8443"))
+    pattern = cors.browser_pattern()
+    assert pattern is not None
+    granted = origin in cors.exact or any(p.matches(origin) for p in cors.patterns)
+    assert bool(re.fullmatch(pattern, origin)) == granted

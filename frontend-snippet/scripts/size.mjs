@@ -1,4 +1,4 @@
-// Size budget of snippet.js (ARCHITECTURE.md §10: ≤ 3 KB minified + gzipped).
+// Size budget of snippet.js: ≤ 3 KB minified + gzipped (README, "Add it to your frontend").
 //
 // What it is for: measuring the file as a page would get it from a
 // minifying CDN or build, terser then gzip level 9, and failing (exit 1)

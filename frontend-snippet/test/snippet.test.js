@@ -15,9 +15,15 @@ const { spawnSync } = require("node:child_process");
 const DIR = path.join(__dirname, "..");
 const FILE = path.join(DIR, "snippet.js");
 const SRC = fs.readFileSync(FILE, "utf8");
-const FOOTER = "\nexport const init = globalThis.LatencyGateway.init;\nexport default globalThis.LatencyGateway;\n";
+// As gateway/reserved.py appends it for /__gateway/snippet.mjs (with its marker).
+const FOOTER =
+  "\nconst api = globalThis.LatencyGateway;" +
+  "\nconst allowedOrigins = { [new URL(import.meta.url).origin]: /*@gateway-allowed-origins*/ null };" +
+  "\nexport const init = (options) => api.init(Object.assign({ allowedOrigins }, options));" +
+  "\nexport default Object.assign({}, api, { init });\n";
+const MARKER = "/*@gateway-allowed-origins*/ null";
 const fetchBeforeLoad = globalThis.fetch;
-const S = require(FILE);
+const S = require("./helpers.js");
 
 const TRACEPARENT = /^00-[0-9a-f]{32}-[0-9a-f]{16}-03$/;
 const THREE_DECIMALS = /^-?\d+\.\d{3}$/;
@@ -33,14 +39,18 @@ test("loading in Node neither throws nor initialises", () => {
   // No document: init() is a no-op that still returns the API.
   assert.equal(api.init({ gatewayOrigins: ["http://gw.test"] }), api);
   assert.equal(globalThis.fetch, fetchBeforeLoad);
-  for (const name of ["hex", "traceparent", "timestampHeader", "clockHeader", "prevHeader", "sample", "addSample", "best", "parseServerTiming", "parseGatewayClock", "target", "take"])
+  for (const name of ["hex", "traceparent", "timestampHeader", "clockHeader", "prevHeader", "sample", "addSample", "best", "parseServerTiming", "parseGatewayClock", "target", "take", "allows"])
     assert.equal(typeof S[name], "function", name);
 });
 
 test("the file is plain ES2017, as a classic script and as the .mjs the gateway serves", () => {
   const acorn = require("acorn");
   acorn.parse(SRC, { ecmaVersion: 2017, sourceType: "script" });
-  acorn.parse(SRC + FOOTER, { ecmaVersion: 2017, sourceType: "module" });
+  // The module footer reads import.meta (ES2020): browsers with modules have it.
+  acorn.parse(SRC + FOOTER, { ecmaVersion: 2020, sourceType: "module" });
+  // Where the gateway writes its allow-list: once in the file, once in the footer.
+  assert.equal(SRC.split(MARKER).length, 2);
+  assert.equal(FOOTER.split(MARKER).length, 2);
   // The check bites: optional catch binding is ES2019.
   assert.throws(() => acorn.parse("try {} catch {}", { ecmaVersion: 2017 }));
 });
@@ -234,7 +244,7 @@ const OFFSET = 4321.5; // gateway clock − page clock
 const PAGE = "http://page.test";
 const GW = "http://gw.test:8080";
 
-function page({ script = null, refuse = [], rt = true, hold = false } = {}) {
+function page({ script = null, refuse = [], rt = true, hold = false, src = SRC } = {}) {
   const held = []; // with hold, clock answers wait here until released
   const clk = { perf: 1000, jump: 0 };
   const calls = []; // what reached the page's original fetch
@@ -313,8 +323,11 @@ function page({ script = null, refuse = [], rt = true, hold = false } = {}) {
     getResponseHeader(n) { return this.out[n.toLowerCase()] || null; }
   }
 
+  const document = Object.assign(new EventTarget(), { currentScript: script, baseURI: PAGE + "/app/", hidden: false });
+  const pushed = []; // what reached the page's history.pushState: [this, args]
   const ctx = {
-    document: { currentScript: script, baseURI: PAGE + "/app/", hidden: false, addEventListener() {} },
+    document,
+    history: { pushState(...args) { pushed.push([this, args]); } },
     location: { origin: PAGE, href: PAGE + "/app/" },
     navigator: { sendBeacon: (u, blob) => (beacons.push({ u, blob }), !beacons.refuse) },
     performance: { now: () => clk.perf, getEntriesByName: (n) => entries.filter((e) => e.name == n) },
@@ -339,9 +352,9 @@ function page({ script = null, refuse = [], rt = true, hold = false } = {}) {
   };
   ctx.window = ctx;
   vm.createContext(ctx);
-  vm.runInContext(SRC, ctx, { filename: FILE });
+  vm.runInContext(src, ctx, { filename: FILE });
   return {
-    ctx, clk, calls, events, beacons, entries, xhrs, gw, fakeFetch, observed, held,
+    ctx, clk, calls, events, beacons, entries, xhrs, gw, fakeFetch, observed, held, pushed,
     api: ctx.LatencyGateway,
     // Deliver the last request's Resource Timing entry, as the browser does.
     observe: (entry = last.entry) => observer({ getEntries: () => [entry] }),
@@ -361,8 +374,8 @@ async function until(cond, what) {
 const plain = (o) => JSON.parse(JSON.stringify(o));
 const sent = (call) => Object.fromEntries(call.input.headers); // headers of the Request we sent
 
-async function synced(p, origin = GW) {
-  p.api.init({ gatewayOrigins: [origin], flushMs: 60000 });
+async function synced(p, origin = GW, options = {}) {
+  p.api.init(Object.assign({ gatewayOrigins: [origin], flushMs: 60000 }, options));
   await until(() => p.calls.filter((c) => String(c.input).startsWith(origin + "/__gateway/clock")).length == 5, "the burst");
   await settle();
   p.calls.length = 0;
@@ -381,7 +394,7 @@ test("a classic script initialises itself: its own origin plus data-gateway-orig
   await until(() => p.calls.length == 10, "two bursts of 5");
   const urls = p.calls.map((c) => c.input).sort();
   assert.deepEqual(urls, [0, 1, 2, 3, 4].flatMap((i) => [`${GW}/__gateway/clock?n=${i}`, `http://b.test/__gateway/clock?n=${i}`]).sort());
-  for (const c of p.calls) assert.deepEqual(plain(c.init), { cache: "no-store", credentials: "omit", mode: "cors" });
+  for (const c of p.calls) assert.deepEqual(plain(c.init), { cache: "no-store", credentials: "omit" });
   assert.equal(p.api.clock().on, true);
   assert.equal(p.api.clock("http://b.test").on, true);
   assert.deepEqual(p.observed, [{ type: "resource", buffered: true }]);
@@ -642,14 +655,16 @@ test("a clock jump re-anchors C and drops the samples", async () => {
   const p = page();
   await synced(p);
   p.clk.jump = 3600e3; // the OS clock was set an hour ahead
+  const before = p.clk.perf;
   await p.ctx.fetch(GW + "/api/x");
-  const h = sent(p.calls[0]);
-  assert.equal(+h["x-client-timestamp"], EPOCH + p.clk.perf - 22 + 3600e3);
+  const h = sent(p.calls.find((c) => typeof c.input != "string"));
+  assert.equal(+h["x-client-timestamp"], EPOCH + before + 3600e3);
   assert.equal(h["x-client-clock"], undefined, "the old offset is unknown now");
+  // A fresh burst, against the new C.
+  await until(() => p.calls.filter((c) => String(c.input).includes("/__gateway/clock")).length == 5, "a fresh burst");
   await settle();
-  // The response itself is a new sample, against the new C.
   assert.equal(p.api.clock().best.off, OFFSET - 3600e3);
-  assert.equal(p.api.clock().best.d, 20);
+  assert.equal(p.api.clock().best.d, 18);
 });
 
 test("XMLHttpRequest: headers through the real setRequestHeader, the page's traceparent kept", async () => {
@@ -707,8 +722,9 @@ test("beacon: entry shape, marks on the client clock, one body per gateway origi
   p.api.flush();
   assert.equal(p.beacons.length, 1);
   assert.equal(p.beacons[0].u, GW + "/__gateway/beacon");
-  assert.equal(p.beacons[0].blob.type, "text/plain");
-  const body = JSON.parse(await p.beacons[0].blob.text());
+  // A string: sent as text/plain;charset=UTF-8, CORS-safelisted.
+  assert.equal(typeof p.beacons[0].blob, "string");
+  const body = JSON.parse(p.beacons[0].blob);
   const c = (t) => EPOCH + t; // C of a performance time (anchored at Date.now() = EPOCH + perf)
   assert.deepEqual(body, {
     v: 1,
@@ -751,7 +767,7 @@ test("beacon: fetch keepalive when sendBeacon refuses, a flush at 20 entries, bo
   assert.equal(posts.length, 2);
   let n = 0;
   for (const post of posts) {
-    assert.deepEqual(plain({ ...post.init, body: 0 }), { method: "POST", body: 0, keepalive: true, mode: "no-cors" });
+    assert.deepEqual(plain({ ...post.init, body: 0 }), { method: "POST", body: 0, keepalive: true });
     assert.ok(post.init.body.length <= 60000);
     n += JSON.parse(post.init.body).e.length;
   }
@@ -776,4 +792,186 @@ test("beacon: off when asked, and never for a page-made traceparent", async () =
   q.observe();
   q.api.flush();
   assert.equal(q.beacons.length, 0);
+});
+
+// -- the first request: the allow-list the gateway serves ---------------------------------
+
+/** snippet.js as the gateway serves it, with this allow-list pattern. */
+const served = (pattern) => SRC.replace(MARKER, MARKER.replace("null", JSON.stringify(pattern)));
+const CLASSIC = { src: GW + "/__gateway/snippet.js", dataset: {} };
+const pageCalls = (p) => p.calls.filter((c) => !String(c.input).includes("/__gateway/"));
+
+test("allow-list patterns: exact origins and one DNS label for *, as the gateway's CORS", () => {
+  // The pattern gateway/cors.py builds for http://page.test and https://*.example.com.
+  const pattern = "^(?:http://page\\.test|https://[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\\.example\\.com)$";
+  for (const origin of ["http://page.test", "https://app.example.com", "https://a-1.example.com"])
+    assert.equal(S.allows(pattern, origin), true, origin);
+  for (const origin of ["https://page.test", "http://page.test:81", "https://a.b.example.com", "https://example.com", "https://evilexample.com", "https://-a.example.com", "null", ""])
+    assert.equal(S.allows(pattern, origin), false, origin);
+  for (const none of [null, undefined, ""]) assert.equal(S.allows(none, "http://page.test"), false, String(none));
+});
+
+test("a served allow-list naming the page: the first request is tagged at once, unsynced, while the burst runs", async () => {
+  const p = page({ hold: true, script: CLASSIC, src: served("^(?:http://page\\.test)$") });
+  await until(() => p.held.length, "the first clock request, unanswered");
+  assert.equal(p.api.clock().on, true, "enabled before any answer");
+  await p.ctx.fetch(GW + "/api/first");
+  const [first] = pageCalls(p);
+  const h = sent(first);
+  assert.match(h.traceparent, TRACEPARENT);
+  assert.match(h["x-client-timestamp"], THREE_DECIMALS);
+  assert.equal(h["x-client-clock"], undefined, "no sample yet: the gateway says unsynced");
+  await settle();
+  assert.equal(p.api.requests[0].url, GW + "/api/first");
+});
+
+test("a served allow-list not naming the page, or none: the first request goes as the page made it", async () => {
+  for (const src of [served("^(?:http://other\\.test)$"), served(null), SRC]) {
+    const p = page({ hold: true, script: CLASSIC, src });
+    await until(() => p.held.length, "the first clock request");
+    assert.equal(p.api.clock().on, false);
+    const init = { method: "POST", body: "x" };
+    await p.ctx.fetch(GW + "/api/first", init);
+    const [first] = pageCalls(p);
+    assert.equal(first.input, GW + "/api/first");
+    assert.equal(first.init, init, "the page's own arguments: no headers, so no preflight");
+  }
+});
+
+test("a stale served allow-list: once the gateway refuses the burst, requests go untouched", async () => {
+  const p = page({ refuse: [GW], script: CLASSIC, src: served("^(?:http://page\\.test)$") });
+  await until(() => p.calls.length == 1, "the refused clock request");
+  await settle();
+  assert.equal(p.api.clock().on, false);
+  await p.ctx.fetch(GW + "/api/x").catch(() => {});
+  assert.equal(pageCalls(p)[0].input, GW + "/api/x");
+});
+
+test("init's allowedOrigins is keyed by gateway origin: another gateway's list enables nothing here", async () => {
+  const p = page({ hold: true });
+  p.api.init({ gatewayOrigins: [GW, "http://b.test"], allowedOrigins: { "http://b.test": "^(?:http://page\\.test)$" } });
+  await until(() => p.held.length == 2, "both first clock requests");
+  assert.equal(p.api.clock(GW).on, false);
+  assert.equal(p.api.clock("http://b.test").on, true);
+});
+
+// -- trace context owned by a page SDK ---------------------------------------------------------
+
+const OTEL = Symbol.for("opentelemetry.js.api.1");
+
+test("traceContext auto: an OpenTelemetry tracer provider owns traceparent; we add only X-Client-*", async () => {
+  const p = page();
+  await synced(p);
+  p.ctx[OTEL] = { version: "1.9.1", trace: {} }; // what @opentelemetry/api registers
+  await p.ctx.fetch(GW + "/api/x");
+  await settle();
+  const h = sent(p.calls[0]);
+  assert.equal(h.traceparent, undefined, "the page SDK's instrumentation adds its own after us");
+  assert.match(h["x-client-timestamp"], THREE_DECIMALS);
+  assert.match(h["x-client-clock"], /^off=4321\.500, /);
+  p.observe();
+  await p.ctx.fetch(GW + "/api/y");
+  assert.equal(sent(p.calls[1])["x-client-prev"], undefined, "no span of ours to report on");
+  p.api.flush();
+  assert.equal(p.beacons.length, 0, "nor a browser span: the page SDK has its own");
+});
+
+test("traceContext auto without a tracer provider, and traceContext snippet: traceparent is ours", async () => {
+  const p = page();
+  await synced(p);
+  p.ctx[OTEL] = { version: "1.9.1", diag: {} }; // the API in use, no tracer provider
+  await p.ctx.fetch(GW + "/api/x");
+  assert.match(sent(p.calls[0]).traceparent, TRACEPARENT);
+
+  const q = page();
+  await synced(q, GW, { traceContext: "snippet" });
+  q.ctx[OTEL] = { version: "1.9.1", trace: {} };
+  await q.ctx.fetch(GW + "/api/x");
+  assert.match(sent(q.calls[0]).traceparent, TRACEPARENT);
+});
+
+test("traceContext page: no traceparent even without OpenTelemetry; the page's own is kept", async () => {
+  const p = page();
+  await synced(p, GW, { traceContext: "page" });
+  await p.ctx.fetch(GW + "/api/x");
+  const h = sent(p.calls[0]);
+  assert.equal(h.traceparent, undefined);
+  assert.match(h["x-client-timestamp"], THREE_DECIMALS);
+  const own = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  await p.ctx.fetch(GW + "/api/y", { headers: { traceparent: own } });
+  assert.equal(sent(p.calls[1]).traceparent, own);
+});
+
+// -- single-page apps ------------------------------------------------------------------------
+
+const clockCalls = (p) => p.calls.filter((c) => String(c.input).includes("/__gateway/clock")).length;
+
+test("history.pushState: the page's call goes through; a fresh sync only when the clock jumped", async () => {
+  const p = page();
+  await synced(p);
+  const best = p.api.clock().best;
+  p.ctx.history.pushState({ a: 1 }, "", "/next");
+  assert.deepEqual(p.pushed, [[p.ctx.history, [{ a: 1 }, "", "/next"]]]);
+  await settle();
+  assert.equal(clockCalls(p), 0, "no jump: no sync");
+  assert.deepEqual(p.api.clock().best, best, "and the samples stay");
+  p.clk.jump = -5000; // the system clock was set back 5 s
+  p.ctx.history.pushState(null, "", "/later");
+  assert.equal(p.pushed.length, 2);
+  await until(() => clockCalls(p) == 5, "a fresh burst");
+  await settle();
+  assert.equal(p.api.clock().best.off, OFFSET + 5000, "measured against the re-anchored clock");
+});
+
+test("popstate (back/forward): a fresh sync only when the clock jumped", async () => {
+  const p = page();
+  await synced(p);
+  p.ctx.dispatchEvent(new Event("popstate"));
+  await settle();
+  assert.equal(clockCalls(p), 0);
+  p.clk.jump = 2000;
+  p.ctx.dispatchEvent(new Event("popstate"));
+  await until(() => clockCalls(p) == 5, "a fresh burst");
+});
+
+test("beacon: flushed when the page is hidden (Safari and mobile Chrome may never fire pagehide)", async () => {
+  const p = page();
+  await synced(p);
+  await p.ctx.fetch(GW + "/api/x");
+  await settle();
+  p.observe();
+  p.ctx.document.dispatchEvent(new Event("visibilitychange")); // shown again: nothing to send
+  assert.equal(p.beacons.length, 0);
+  p.ctx.document.hidden = true;
+  p.ctx.document.dispatchEvent(new Event("visibilitychange"));
+  assert.equal(p.beacons.length, 1);
+  assert.equal(JSON.parse(p.beacons[0].blob).e.length, 1);
+});
+
+test("beacon: flushed on pagehide", async () => {
+  const p = page();
+  await synced(p);
+  await p.ctx.fetch(GW + "/api/x");
+  await settle();
+  p.observe();
+  p.ctx.dispatchEvent(new Event("pagehide"));
+  assert.equal(p.beacons.length, 1);
+});
+
+test("beacon: a request sent unsynced carries the offset known when it is reported", async () => {
+  const p = page({ hold: true, script: CLASSIC, src: served("^(?:http://page\\.test)$") });
+  await until(() => p.held.length, "the first clock request");
+  await p.ctx.fetch(GW + "/api/first"); // no X-Client-Clock: the gateway's token has no uplink
+  await settle();
+  const entry = p.lastEntry();
+  while (clockCalls(p) < 5 || p.held.length) {
+    await until(() => p.held.length, "a clock request");
+    p.held.shift()();
+    await settle();
+  }
+  p.observe(entry);
+  p.api.flush();
+  const [e] = JSON.parse(p.beacons[0].blob).e;
+  assert.equal(e.u, GW + "/api/first");
+  assert.equal(e.off, OFFSET, "the burst's best offset places its marks");
 });

@@ -5,9 +5,8 @@
 // to a request sent a moment earlier).
 const test = require("node:test");
 const assert = require("node:assert/strict");
-const path = require("node:path");
 
-const S = require(path.join(__dirname, "..", "snippet.js"));
+const S = require("./helpers.js");
 
 const answer = (ts) => ({ t1: 5010, t2: 5012, tok: `5012.5010.${ts}.9.2.bm9uY2U.bWFj` });
 
