@@ -528,6 +528,9 @@ def build_session(config: GatewayConfig) -> aiohttp.ClientSession:
     )
 
 
+_BAD_TARGET: Final = Failure(400, "request target must be a path or an http(s) URL", "400")
+
+
 class Upstream:
     """The exchange with one upstream over one pooled ``session``.
 
@@ -551,9 +554,12 @@ class Upstream:
         if not raw_target.startswith("/"):
             # Absolute-form (RFC 9112 §3.2.2): only its path and query go on;
             # the authority in it never chooses where we connect (no open proxy).
-            url = URL(raw_target)
+            try:
+                url = URL(raw_target)
+            except ValueError:  # aiohttp's parser refuses these first; never a 500
+                return _BAD_TARGET
             if not url.absolute or url.scheme not in ("http", "https"):
-                return Failure(400, "request target must be a path or an http(s) URL", "400")
+                return _BAD_TARGET
             raw_target = url.raw_path_qs or "/"
         path, _, query = raw_target.partition("?")
         # Byte for byte: encoded=True keeps %2F as %2F and adds no quoting;

@@ -12,10 +12,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -196,6 +199,32 @@ async def test_a_target_that_is_not_a_path_or_http_url_is_a_400(raw_target: str)
         assert upstream.target(raw_target) == proxy.Failure(
             400, "request target must be a path or an http(s) URL", "400"
         )
+
+
+#: ``target()`` is pure: it never touches the session.
+_NO_SESSION = cast("aiohttp.ClientSession", None)
+_TARGET_CHARS = st.characters(min_codepoint=0x21, max_codepoint=0x7E)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw_target=st.one_of(
+        st.text(_TARGET_CHARS, max_size=80),
+        st.text(max_size=20),
+        st.tuples(
+            st.sampled_from(["http://", "https://", "ftp://", "//"]), st.text(_TARGET_CHARS)
+        ).map("".join),
+    )
+)
+def test_no_target_chooses_where_the_gateway_connects(raw_target: str) -> None:
+    """Any target a client can write: a 400, or a URL on the configured
+    upstream (never a 500, never the client's authority)."""
+    upstream = proxy.Upstream(URL("http://127.0.0.1:4567"), _NO_SESSION, 1.0)
+    target = upstream.target(raw_target)
+    if isinstance(target, proxy.Failure):
+        assert target.status == 400
+    else:
+        assert (target.scheme, target.raw_authority) == ("http", "127.0.0.1:4567")
 
 
 # -- the call: error mapping -------------------------------------------------------
