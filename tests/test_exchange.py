@@ -303,7 +303,7 @@ async def test_a_body_that_stalls_while_streaming_upstream_is_a_408_that_closes(
     assert ex.outcomes == [proxy.Failure(408, "request body stalled", "408", cut_client=True)]
 
 
-async def test_a_body_over_the_limit_while_streaming_upstream_is_a_413() -> None:
+async def test_a_body_over_the_limit_while_buffered_is_a_413() -> None:
     async with (
         KeepAliveUpstream({}) as up,
         exchange(up.url, max_body_bytes=2048, buffer_body_bytes=16) as ex,
@@ -311,6 +311,29 @@ async def test_a_body_over_the_limit_while_streaming_upstream_is_a_413() -> None
         reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
         try:
             writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"1000\r\n" + b"x" * 4096 + b"\r\n0\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            writer.transport.abort()
+    assert parse_head(answer)[0] == 413
+    assert ex.outcomes == [proxy.Failure(413, "request body too large", "413")]
+    assert up.seen == []  # never forwarded
+
+
+async def test_a_body_over_the_limit_while_streaming_upstream_is_a_413() -> None:
+    """The upstream call has started (the body streams) when the limit is
+    passed: aiohttp's client wraps the reader's error, the reader tells."""
+    async with (
+        ScriptedUpstream({"/up": stall()}) as up,
+        exchange(up.url, max_body_bytes=2048, buffer_body_bytes=16) as ex,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"64\r\n" + b"x" * 100 + b"\r\n")  # past the buffer: streams
+            await writer.drain()
+            await _wait_for(lambda: bool(up.requests))
             writer.write(b"1000\r\n" + b"x" * 4096 + b"\r\n0\r\n\r\n")
             await writer.drain()
             answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
