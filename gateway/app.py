@@ -1,14 +1,21 @@
-"""The gateway's aiohttp application: routes, spans, CORS and Server-Timing.
+"""The gateway's aiohttp application: routes, spans, measurement, Server-Timing.
 
-What it is for: putting the pieces together for each request. ``create_app``
-builds an ``aiohttp.web.Application`` with its upstream ``ClientSession``
-(opened and closed in ``cleanup_ctx``), the reserved ``/__gateway/`` routes,
-and the proxy handler that traces every forwarded request:
-SERVER span ("the request as the gateway saw it") → CLIENT span (the
-upstream call) → whatever the backend records under the context we inject.
+What it is for: the request's path through the gateway, read top to bottom in
+``Gateway.handle`` and ``Gateway._forward``. ``create_app`` builds an
+``aiohttp.web.Application`` whose upstream ``ClientSession`` (built by
+``proxy.build_session``) is opened and closed in ``cleanup_ctx``, with the
+reserved ``/__gateway/`` routes and the proxy handler that traces every
+forwarded request: SERVER span ("the request as the gateway saw it") → CLIENT
+span (the upstream call) → whatever the backend records under the context we
+inject. Each step of the exchange is one call into ``proxy.Upstream``; what
+it returns becomes span attributes and, on failure, the gateway's own answer
+here. The latency measurement (``measure.py``), Server-Timing,
+X-Gateway-Clock and the CORS decisions are added here, just before the
+response head goes out.
 
-Not for: header rules (``proxy.py``), context trust (``context.py``) or
-process management (``cli.py``).
+Not for: the upstream exchange itself — URL, call, error mapping, response
+headers, streaming and aborts (``proxy.py``) —, context trust
+(``context.py``) or process management (``cli.py``).
 
 Hot path rules: nothing here blocks the event loop, compiles a regex or logs
 at INFO per request; bodies are never buffered beyond
@@ -17,16 +24,14 @@ at INFO per request; bodies are never buffered beyond
 Slow or silent clients: every wait on the client is bounded by
 ``GATEWAY_CLIENT_TIMEOUT_S`` — aiohttp's keep-alive timer (idle connections
 and unfinished request heads), ``proxy.BodyReader`` (a body that stalls) and
-``_to_client`` (a client that stops reading the response).
+``proxy.Upstream.relay`` (a client that stops reading the response).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import aiohttp
@@ -45,7 +50,6 @@ from opentelemetry.trace import (
 from opentelemetry.trace import (
     TracerProvider as ApiTracerProvider,
 )
-from yarl import URL
 
 from gateway import __version__, context, measure, proxy, timing
 from gateway.config import GatewayConfig
@@ -57,9 +61,6 @@ from latency_common.redact import QueryRedactor
 from latency_common.telemetry import Telemetry
 
 log = logging.getLogger("gateway")
-#: 502/504 lines: a down backend makes one per request, so the CLI rate-limits
-#: this logger (``latency_common.logs.RateLimitFilter``).
-upstream_log = logging.getLogger("gateway.upstream")
 
 #: What a TRACE request is answered with instead (RFC 9110 §9.3.8: TRACE
 #: reflects the request, credentials included; a proxy may refuse it, and nginx
@@ -75,30 +76,6 @@ SESSION_KEY: Final = web.AppKey("session", aiohttp.ClientSession)
 RESERVED_KEY: Final = web.AppKey("reserved", Reserved)
 
 
-class _ProxyResponse(web.StreamResponse):
-    """A StreamResponse that adds no Content-Type and no Server of its own.
-
-    aiohttp fills in ``Content-Type: application/octet-stream`` and its own
-    ``Server`` when a response lacks them; a transparent proxy must pass the
-    upstream's absence on (ARCHITECTURE.md §3: "adds no default Content-Type").
-    ``Date`` is still added when missing, as RFC 9110 §6.6.1 asks of a
-    recipient with a clock.
-    """
-
-    __slots__ = ("_keep",)
-
-    def __init__(self, *, status: int, reason: str | None, keep: frozenset[str]) -> None:
-        super().__init__(status=status, reason=reason)
-        self._keep = keep
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        if "content-type" not in self._keep:
-            self._headers.popall("Content-Type", None)
-        if "server" not in self._keep:
-            self._headers.popall("Server", None)
-
-
 class Gateway:
     """Per-process gateway state: configuration, tracer, upstream session."""
 
@@ -111,39 +88,20 @@ class Gateway:
         # Built once per process: every url.full / url.query this gateway
         # exports goes through it.
         self.redactor = QueryRedactor(config.redact_query_params)
-        self.session: aiohttp.ClientSession | None = None
+        # The exchange with the upstream, once cleanup_ctx opened its session.
+        self.proxy: proxy.Upstream | None = None
         self._server_port = self.upstream.port
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=config.connect_timeout_s,
-            sock_read=config.read_timeout_s,
-        )
 
     # -- lifecycle -------------------------------------------------------
 
     async def session_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(
-            limit=self.config.max_connections,
-            limit_per_host=0,
-            ttl_dns_cache=60,
-            enable_cleanup_closed=False,
-        )
-        # ARCHITECTURE.md §3: no shared cookie jar, no proxy variables from the
-        # environment, no automatic decompression, no added default headers.
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-            auto_decompress=False,
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            timeout=self._timeout,
-            read_bufsize=proxy.CHUNK_BYTES,
-        )
-        app[SESSION_KEY] = self.session
+        session = proxy.build_session(self.config)
+        app[SESSION_KEY] = session
+        self.proxy = proxy.Upstream(self.upstream, session, self.config.client_timeout_s)
         try:
             yield
         finally:
-            await self.session.close()
+            await session.close()
 
     async def expect(self, request: web.Request) -> None:
         """``Expect: 100-continue``: say 100 only to a request we will forward.
@@ -254,6 +212,12 @@ class Gateway:
                 self.cors.grant_own(response.headers, exchange.origin)
             return response
 
+        async def refuse(failure: proxy.Failure) -> web.Response:
+            response = fail(failure.status, failure.message, failure.error_type)
+            if failure.cut_client:
+                return await proxy.cut_client(request, response)
+            return response
+
         if request.version.major != 1:
             # RFC 9110 §15.6.6: 505 for a major version we do not support.
             # aiohttp's parser passes "HTTP/0.9" and "HTTP/2.0" request lines on
@@ -268,39 +232,14 @@ class Gateway:
             # The unread body is discarded by aiohttp's lingering read after the
             # answer (closing at once would reset the connection and lose the 413).
             return fail(413, f"request body larger than {config.max_body_bytes} bytes", "413")
-        reader: proxy.BodyReader | None = None
-        body: bytes | AsyncIterator[bytes] | None = None
-        if proxy.request_has_body(request):
-            reader = proxy.BodyReader(
-                request, max_bytes=config.max_body_bytes, stall_timeout_s=config.client_timeout_s
-            )
-            try:
-                body = await reader.read(config.buffer_body_bytes, declared)
-            except proxy.ClientStalled:
-                return await _cut_client(request, fail(408, "request body stalled", "408"))
-            except proxy.BodyTooLarge:
-                return fail(413, "request body too large", "413")
-            except (aiohttp.ClientPayloadError, ConnectionError) as exc:
-                return fail(400, "request body incomplete", type(exc).__qualname__)
-
-        raw_target = request.raw_path
-        if not raw_target.startswith("/"):
-            # Absolute-form (RFC 9112 §3.2.2): only its path and query go on;
-            # the authority in it never chooses where we connect (no open proxy).
-            url = URL(raw_target)
-            if not url.absolute or url.scheme not in ("http", "https"):
-                return fail(400, "request target must be a path or an http(s) URL", "400")
-            raw_target = url.raw_path_qs or "/"
-        path, _, query = raw_target.partition("?")
-        # Byte for byte: encoded=True keeps %2F as %2F and adds no quoting;
-        # scheme and authority come from GATEWAY_UPSTREAM alone.
-        target = URL.build(
-            scheme=self.upstream.scheme,
-            authority=self.upstream.raw_authority,
-            path=path,
-            query_string=query,
-            encoded=True,
-        )
+        upstream = self.proxy
+        assert upstream is not None, "session_ctx opens the upstream session"
+        body = await proxy.read_body(request, config)
+        if isinstance(body, proxy.Failure):
+            return await refuse(body)
+        target = upstream.target(request.raw_path)
+        if isinstance(target, proxy.Failure):
+            return await refuse(target)
 
         headers = proxy.upstream_request_headers(
             request, fwd, preserve_host=self.config.preserve_host
@@ -319,35 +258,18 @@ class Gateway:
         )
         context.inject(headers, client_span.get_span_context())
 
-        assert self.session is not None
         sent_perf = time.perf_counter_ns()
         try:
-            upstream = await self.session.request(
-                request.method,
-                target,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
-            )
-        except BaseException as exc:
-            status, message, error_type = _classify(exc, reader)
-            client_span.set_attribute("error.type", error_type)
-            client_span.set_status(Status(StatusCode.ERROR, message))
-            client_span.end()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            if status >= 500:
-                upstream_log.warning(
-                    "upstream %s %s: %s (%s)", request.method, path, message, error_type
-                )
-            if status == 408:
-                return await _cut_client(request, fail(status, message, error_type))
-            return fail(status, message, error_type)
+            answer = await upstream.call(request.method, target, headers, body)
+        except BaseException as exc:  # cancelled (shutdown): the span still ends
+            _end_failed(client_span, proxy.classify(exc, body.reader))
+            raise
+        if isinstance(answer, proxy.Failure):
+            _end_failed(client_span, answer)
+            return await refuse(answer)
 
         upstream_ns = time.perf_counter_ns() - sent_perf
-        status = upstream.status
+        status = answer.status
         client_span.set_attribute("http.response.status_code", status)
         if status >= 400:
             client_span.set_attribute("error.type", str(status))
@@ -357,55 +279,23 @@ class Gateway:
             server_span.set_attribute("error.type", str(status))
             server_span.set_status(Status(StatusCode.ERROR))
 
-        try:
-            out_headers = proxy.response_headers(upstream.headers)
-        except proxy.BadUpstreamHeader as exc:
-            upstream.close()
+        response = upstream.response(answer)
+        if isinstance(response, proxy.Failure):
             client_span.end()
-            upstream_log.warning("%s", exc)
-            return fail(502, str(exc), "header")
-        keep = frozenset(k.lower() for k in ("Content-Type", "Server") if k in out_headers)
-        response = _ProxyResponse(status=status, reason=upstream.reason, keep=keep)
-        response.headers.extend(out_headers)
-        completed = False
-        to_client = _ClientWrites(config.client_timeout_s)
+            return await refuse(response)
         try:
             self._finish_headers(response.headers, exchange, upstream_ns)
-            await to_client.send(response.prepare(request))
-            if request.method != "HEAD" and status not in (204, 304):
-                # Errors reading the upstream raise from the iterator itself;
-                # errors writing to the client come wrapped as _ClientGone.
-                async for chunk in upstream.content.iter_any():
-                    await to_client.send(response.write(chunk))
-            await to_client.send(response.write_eof())
-            completed = True
-        except _ClientGone as gone:
-            if gone.timed_out:
-                # It stopped reading: drop it with whatever it did not take.
-                server_span.set_attribute("error.type", "client_timeout")
-                _abort(request)
-            else:
-                server_span.set_attribute("error.type", "client_disconnected")
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            # The upstream died or stalled mid-body: cut the client's response
-            # (never complete it with a wrong length) and mark the spans.
-            error_type = "timeout" if isinstance(exc, TimeoutError) else type(exc).__qualname__
-            for span in (client_span, server_span):
-                span.set_attribute("error.type", error_type)
-                span.set_status(Status(StatusCode.ERROR, "upstream response cut short"))
-            upstream_log.warning(
-                "upstream %s %s died mid-body: %s", request.method, path, error_type
-            )
-            _abort(request)
+            relayed = await upstream.relay(request, answer, response)
+            if relayed.client_error is not None:
+                server_span.set_attribute("error.type", relayed.client_error)
+            elif relayed.upstream_error is not None:
+                # The upstream died or stalled mid-body: the client's response
+                # was cut (never completed with a wrong length).
+                for span in (client_span, server_span):
+                    span.set_attribute("error.type", relayed.upstream_error)
+                    span.set_status(Status(StatusCode.ERROR, "upstream response cut short"))
         finally:
-            to_client.stop()
             client_span.end()
-            # A fully read response goes back to the pool; anything else gives
-            # its connection up (unread bytes would poison the next request).
-            if completed:
-                upstream.release()
-            else:
-                upstream.close()
         return response
 
     def _finish_headers(
@@ -443,53 +333,6 @@ class Gateway:
                 self.cors.expose(headers, exchange.origin)
 
 
-class _ClientGone(Exception):
-    """Writing to the client failed: it disconnected, or stopped reading."""
-
-    def __init__(self, *, timed_out: bool) -> None:
-        super().__init__("client stopped reading" if timed_out else "client disconnected")
-        self.timed_out = timed_out
-
-
-class _ClientWrites:
-    """Writes of one response to the client, each bounded by ``timeout_s``
-    (nginx's ``send_timeout``: a client that does not read holds nothing)."""
-
-    __slots__ = ("_timer",)
-
-    def __init__(self, timeout_s: float) -> None:
-        self._timer = proxy.StallTimer(timeout_s)
-
-    async def send(self, write: Awaitable[object]) -> None:
-        try:
-            await self._timer.wait(write)
-        except TimeoutError as exc:
-            raise _ClientGone(timed_out=True) from exc
-        except OSError as exc:  # incl. aiohttp's ClientConnectionResetError
-            raise _ClientGone(timed_out=False) from exc
-
-    def stop(self) -> None:
-        self._timer.stop()
-
-
-#: How long the answer to a client that stalled may take to go out (it is
-#: small: it fits in the socket buffer unless the client is gone).
-_LAST_WORDS_TIMEOUT_S: Final = 1.0
-
-
-async def _cut_client(request: web.Request, response: web.Response) -> web.Response:
-    """Send ``response`` and close the connection: the client's body was not
-    read to its end, so nothing after it can be parsed, and a client that
-    stalled once gets no lingering read (nginx closes after its 408 too)."""
-    response.force_close()
-    with contextlib.suppress(OSError, TimeoutError):
-        async with asyncio.timeout(_LAST_WORDS_TIMEOUT_S):
-            await response.prepare(request)
-            await response.write_eof()
-    request.protocol.force_close()
-    return response
-
-
 class _Exchange:
     """What one proxied request carries from receipt to response headers."""
 
@@ -514,38 +357,10 @@ class _Exchange:
         self.inbound: SpanContext | None = None
 
 
-def _classify(exc: BaseException, reader: proxy.BodyReader | None) -> tuple[int, str, str]:
-    """(status, message, error.type) for a failure before the upstream answered.
-
-    aiohttp's client wraps what the body iterator raised, so the reader says
-    whether the client's body was the cause.
-    """
-    if reader is not None and reader.too_large:
-        return 413, "request body too large", "413"
-    if reader is not None and reader.stalled:
-        return 408, "request body stalled", "408"
-    if isinstance(exc, TimeoutError):
-        return 504, "upstream timed out", "timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return 502, "upstream unreachable", type(exc).__qualname__
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        # The client's own body failed mid-upload (it disconnected or lied
-        # about its length).
-        return 400, "request body incomplete", type(exc).__qualname__
-    # Anything else (a reset, a malformed answer, …) is the upstream failing.
-    return 502, "upstream failed", type(exc).__qualname__
-
-
-def _abort(request: web.BaseRequest) -> None:
-    """Drop the client connection without ending the response properly.
-
-    ``abort()`` (not ``close()``) discards buffered bytes, so aiohttp's later
-    attempt to finish the response (a terminating chunk) cannot reach the
-    client either: what the client sees is a truncated message.
-    """
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
+def _end_failed(client_span: Span, failure: proxy.Failure) -> None:
+    client_span.set_attribute("error.type", failure.error_type)
+    client_span.set_status(Status(StatusCode.ERROR, failure.message))
+    client_span.end()
 
 
 def mark_stopping(app: web.Application) -> None:
@@ -587,6 +402,7 @@ def create_app(
     )
     app[CONFIG_KEY] = config
     app.cleanup_ctx.append(gateway.session_ctx)
+    app.on_response_prepare.append(proxy.drop_default_headers)
     app[RESERVED_KEY] = reserved
     app.on_shutdown.append(reserved.mark_stopping)
     reserved.add_routes(app.router, RESERVED_PREFIX)

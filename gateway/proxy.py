@@ -1,30 +1,50 @@
-"""Forwarding: which headers cross the gateway, and how bodies stream through it.
+"""Forwarding: the upstream exchange, and which headers cross the gateway.
 
 What it is for: the transparent part of the proxy (README "What the proxy
-does (and does not) change"). The backend sees what the browser sent and the
-browser gets what the backend answered, except for what the functions here
-change: hop-by-hop headers, Host and
-``X-Forwarded-*``, propagation headers. Bodies move as streams in both
-directions, so memory stays constant whatever their size — except request
-bodies up to ``GATEWAY_BUFFER_BODY_BYTES``, read completely before the
-upstream call so that a slow sender never holds a backend thread;
-compressed bytes are never touched.
+does (and does not) change") and the exchange with the upstream, step by
+step: the client's body (``read_body``), the upstream URL (``Upstream.target``:
+absolute-form reduced, path and query byte for byte), the call
+(``Upstream.call``, failures mapped to 502/504/413/408/400), the response head
+(``Upstream.response``: hop-by-hop headers stripped, no default Content-Type
+or Server added) and the body streamed to the client (``Upstream.relay``,
+with the cuts and aborts when either side fails). The backend sees what the
+browser sent and the browser gets what the backend answered, except for what
+the functions here change: hop-by-hop headers, Host and ``X-Forwarded-*``,
+propagation headers. Bodies move as streams in both directions, so memory
+stays constant whatever their size — except request bodies up to
+``GATEWAY_BUFFER_BODY_BYTES``, read completely before the upstream call so
+that a slow sender never holds a backend thread; compressed bytes are never
+touched.
 
-Not for: spans, trace context or CORS (``app.py``, ``context.py``).
+Every step returns a small result (a value, a :class:`Failure`, a
+:class:`Relayed`); none takes a span. ``app.py`` turns them into span
+attributes and answers.
+
+Not for: spans, measurement, Server-Timing, trace context or CORS
+(``app.py``, ``measure.py``, ``context.py``, ``cors.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
+from gateway.config import GatewayConfig
 from gateway.context import PROPAGATION_HEADERS
+
+#: 502/504 lines: a down backend makes one per request, so the CLI rate-limits
+#: this logger (``latency_common.logs.RateLimitFilter``).
+upstream_log = logging.getLogger("gateway.upstream")
 
 #: RFC 9110 §7.6.1: hop-by-hop fields a proxy removes before forwarding, in
 #: either direction, plus every field named in ``Connection``. Proxy-Authorization
@@ -395,3 +415,333 @@ class BodyReader:
                 yield chunk
         finally:
             self._timer.stop()
+
+
+# -- the exchange ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The exchange failed before the upstream's answer could be passed on:
+    the gateway answers ``status`` itself, with ``message`` and, for spans,
+    ``error_type``. ``cut_client``: close the connection after the answer (the
+    client's body was not read to its end, so nothing after it can be parsed).
+    """
+
+    status: int
+    message: str
+    error_type: str
+    cut_client: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBody:
+    """The client's body as the upstream call sends it; ``reader`` is kept to
+    tell, after a failed call, whether the client's body was the cause."""
+
+    data: bytes | AsyncIterator[bytes] | None
+    reader: BodyReader | None
+
+
+NO_BODY: Final = RequestBody(None, None)
+
+
+async def read_body(request: web.BaseRequest, config: GatewayConfig) -> RequestBody | Failure:
+    """The request's body, buffered up to ``GATEWAY_BUFFER_BODY_BYTES``, else
+    a stream of it; a :class:`Failure` when the client failed while buffering."""
+    if not request_has_body(request):
+        return NO_BODY
+    reader = BodyReader(
+        request, max_bytes=config.max_body_bytes, stall_timeout_s=config.client_timeout_s
+    )
+    try:
+        data = await reader.read(config.buffer_body_bytes, request.content_length)
+    except ClientStalled:
+        return Failure(408, "request body stalled", "408", cut_client=True)
+    except BodyTooLarge:
+        return Failure(413, "request body too large", "413")
+    except (aiohttp.ClientPayloadError, ConnectionError) as exc:
+        return Failure(400, "request body incomplete", type(exc).__qualname__)
+    return RequestBody(data, reader)
+
+
+def classify(exc: BaseException, reader: BodyReader | None) -> Failure:
+    """The answer to a failure before the upstream answered.
+
+    aiohttp's client wraps what the body iterator raised, so the reader says
+    whether the client's body was the cause.
+    """
+    if reader is not None and reader.too_large:
+        return Failure(413, "request body too large", "413")
+    if reader is not None and reader.stalled:
+        return Failure(408, "request body stalled", "408", cut_client=True)
+    if isinstance(exc, TimeoutError):
+        return Failure(504, "upstream timed out", "timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return Failure(502, "upstream unreachable", type(exc).__qualname__)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        # The client's own body failed mid-upload (it disconnected or lied
+        # about its length).
+        return Failure(400, "request body incomplete", type(exc).__qualname__)
+    # Anything else (a reset, a malformed answer, …) is the upstream failing.
+    return Failure(502, "upstream failed", type(exc).__qualname__)
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """How streaming the upstream's answer to the client ended: completely
+    (both None), or cut by the client (``client_error``: ``client_timeout``,
+    ``client_disconnected``) or by the upstream (``upstream_error``: its
+    exception's name, or ``timeout``)."""
+
+    client_error: str | None = None
+    upstream_error: str | None = None
+
+
+COMPLETE: Final = Relayed()
+_CLIENT_TIMEOUT: Final = Relayed(client_error="client_timeout")
+_CLIENT_DISCONNECTED: Final = Relayed(client_error="client_disconnected")
+
+
+class ProxyResponse(web.StreamResponse):
+    """A StreamResponse that adds no Content-Type and no Server of its own.
+
+    aiohttp fills in ``Content-Type: application/octet-stream`` and its own
+    ``Server`` when a response lacks them; a transparent proxy must pass the
+    upstream's absence on (README "What the proxy does (and does not)
+    change"). ``Date`` is still added when missing, as RFC 9110 §6.6.1 asks of
+    a recipient with a clock. The defaults are taken out again by
+    :func:`drop_default_headers`, on aiohttp's public ``on_response_prepare``
+    signal (which fires after the defaults are set, before the head is
+    written), so no private method is overridden.
+    """
+
+    __slots__ = ("keep",)
+
+    def __init__(self, *, status: int, reason: str | None, keep: frozenset[str]) -> None:
+        super().__init__(status=status, reason=reason)
+        #: Which of ``content-type`` and ``server`` the upstream sent.
+        self.keep = keep
+
+
+async def drop_default_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` handler: undo aiohttp's default Content-Type and
+    Server on a :class:`ProxyResponse` whose upstream sent none."""
+    if isinstance(response, ProxyResponse):
+        if "content-type" not in response.keep:
+            response.headers.popall("Content-Type", None)
+        if "server" not in response.keep:
+            response.headers.popall("Server", None)
+
+
+def build_session(config: GatewayConfig) -> aiohttp.ClientSession:
+    """The process's pooled upstream session (open it in a running loop, in
+    the application's ``cleanup_ctx``; close it there)."""
+    connector = aiohttp.TCPConnector(
+        limit=config.max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=60,
+        enable_cleanup_closed=False,
+    )
+    # A transparent proxy: no shared cookie jar, no proxy variables from the
+    # environment, no automatic decompression, no added default headers.
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        auto_decompress=False,
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout_s, sock_read=config.read_timeout_s
+        ),
+        read_bufsize=CHUNK_BYTES,
+    )
+
+
+_BAD_TARGET: Final = Failure(400, "request target must be a path or an http(s) URL", "400")
+
+
+class Upstream:
+    """The exchange with one upstream over one pooled ``session``.
+
+    ``base_url`` gives the scheme and authority of every call (never the
+    client); ``client_timeout_s`` bounds each write of a response to a client
+    that stops reading. The session is the caller's: it is not closed here.
+    """
+
+    __slots__ = ("_authority", "_client_timeout_s", "_scheme", "_session")
+
+    def __init__(
+        self, base_url: URL, session: aiohttp.ClientSession, client_timeout_s: float
+    ) -> None:
+        self._scheme = base_url.scheme
+        self._authority = base_url.raw_authority
+        self._session = session
+        self._client_timeout_s = client_timeout_s
+
+    def target(self, raw_target: str) -> URL | Failure:
+        """The upstream URL for a request target, path and query byte for byte."""
+        if not raw_target.startswith("/"):
+            # Absolute-form (RFC 9112 §3.2.2): only its path and query go on;
+            # the authority in it never chooses where we connect (no open proxy).
+            try:
+                url = URL(raw_target)
+            except ValueError:  # aiohttp's parser refuses these first; never a 500
+                return _BAD_TARGET
+            if not url.absolute or url.scheme not in ("http", "https"):
+                return _BAD_TARGET
+            raw_target = url.raw_path_qs or "/"
+        path, _, query = raw_target.partition("?")
+        # Byte for byte: encoded=True keeps %2F as %2F and adds no quoting;
+        # scheme and authority come from GATEWAY_UPSTREAM alone.
+        return URL.build(
+            scheme=self._scheme,
+            authority=self._authority,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+
+    async def call(
+        self, method: str, target: URL, headers: CIMultiDict[str], body: RequestBody
+    ) -> aiohttp.ClientResponse | Failure:
+        """Send the request; the upstream's response once its head arrived, or
+        the :class:`Failure` to answer instead. A cancellation propagates."""
+        try:
+            return await self._session.request(
+                method,
+                target,
+                headers=headers,
+                data=body.data,
+                allow_redirects=False,
+                compress=None,
+                chunked=None,
+            )
+        except Exception as exc:  # CancelledError is a BaseException: it propagates
+            failure = classify(exc, body.reader)
+        if failure.status >= 500:
+            upstream_log.warning(
+                "upstream %s %s: %s (%s)",
+                method,
+                target.raw_path,
+                failure.message,
+                failure.error_type,
+            )
+        return failure
+
+    def response(self, answer: aiohttp.ClientResponse) -> ProxyResponse | Failure:
+        """The client's response head from the upstream's: hop-by-hop headers
+        dropped; a 502 :class:`Failure` (and the upstream connection closed)
+        for a header that cannot be passed on unchanged."""
+        try:
+            out_headers = response_headers(answer.headers)
+        except BadUpstreamHeader as exc:
+            answer.close()
+            upstream_log.warning("%s", exc)
+            return Failure(502, str(exc), "header")
+        keep = frozenset(k.lower() for k in ("Content-Type", "Server") if k in out_headers)
+        response = ProxyResponse(status=answer.status, reason=answer.reason, keep=keep)
+        response.headers.extend(out_headers)
+        return response
+
+    async def relay(
+        self, request: web.Request, answer: aiohttp.ClientResponse, response: ProxyResponse
+    ) -> Relayed:
+        """Send ``response``'s head, then the upstream's body as it arrives.
+
+        The upstream dying or stalling mid-body cuts the client's response
+        (never completed with a wrong length); a client that stops reading for
+        ``client_timeout_s`` is dropped. A fully read answer's connection goes
+        back to the pool; any other is closed (unread bytes would poison the
+        next request on it).
+        """
+        completed = False
+        to_client = _ClientWrites(self._client_timeout_s)
+        try:
+            await to_client.send(response.prepare(request))
+            if request.method != "HEAD" and answer.status not in (204, 304):
+                # Errors reading the upstream raise from the iterator itself;
+                # errors writing to the client come wrapped as _ClientGone.
+                async for chunk in answer.content.iter_any():
+                    await to_client.send(response.write(chunk))
+            await to_client.send(response.write_eof())
+            completed = True
+            return COMPLETE
+        except _ClientGone as gone:
+            if gone.timed_out:
+                # It stopped reading: drop it with whatever it did not take.
+                abort(request)
+                return _CLIENT_TIMEOUT
+            return _CLIENT_DISCONNECTED
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            error_type = "timeout" if isinstance(exc, TimeoutError) else type(exc).__qualname__
+            upstream_log.warning(
+                "upstream %s %s died mid-body: %s", request.method, answer.url.raw_path, error_type
+            )
+            abort(request)
+            return Relayed(upstream_error=error_type)
+        finally:
+            to_client.stop()
+            if completed:
+                answer.release()
+            else:
+                answer.close()
+
+
+class _ClientGone(Exception):
+    """Writing to the client failed: it disconnected, or stopped reading."""
+
+    def __init__(self, *, timed_out: bool) -> None:
+        super().__init__("client stopped reading" if timed_out else "client disconnected")
+        self.timed_out = timed_out
+
+
+class _ClientWrites:
+    """Writes of one response to the client, each bounded by ``timeout_s``
+    (nginx's ``send_timeout``: a client that does not read holds nothing)."""
+
+    __slots__ = ("_timer",)
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timer = StallTimer(timeout_s)
+
+    async def send(self, write: Awaitable[object]) -> None:
+        try:
+            await self._timer.wait(write)
+        except TimeoutError as exc:
+            raise _ClientGone(timed_out=True) from exc
+        except OSError as exc:  # incl. aiohttp's ClientConnectionResetError
+            raise _ClientGone(timed_out=False) from exc
+
+    def stop(self) -> None:
+        self._timer.stop()
+
+
+#: How long the answer to a client that stalled may take to go out (it is
+#: small: it fits in the socket buffer unless the client is gone).
+_LAST_WORDS_TIMEOUT_S: Final = 1.0
+
+
+async def cut_client(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response`` and close the connection: the client's body was not
+    read to its end, so nothing after it can be parsed, and a client that
+    stalled once gets no lingering read (nginx closes after its 408 too)."""
+    response.force_close()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(_LAST_WORDS_TIMEOUT_S):
+            await response.prepare(request)
+            await response.write_eof()
+    request.protocol.force_close()
+    return response
+
+
+def abort(request: web.BaseRequest) -> None:
+    """Drop the client connection without ending the response properly.
+
+    ``abort()`` (not ``close()``) discards buffered bytes, so aiohttp's later
+    attempt to finish the response (a terminating chunk) cannot reach the
+    client either: what the client sees is a truncated message.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,474 @@
+"""``gateway/proxy.py``'s upstream exchange on its own: an ``Upstream`` with an
+injected ``ClientSession``, driven by a small aiohttp app with no spans (the
+steps in the order ``app.py`` calls them), against scripted upstreams on real
+loopback sockets. Checks the error mapping, what the client receives, and
+whether the upstream connection goes back to the pool or is closed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway import proxy
+from gateway.config import GatewayConfig
+from tests.servers import free_port, parse_head
+from tests.upstream import ScriptedUpstream, fixed, stall
+
+Outcome = proxy.Failure | proxy.Relayed
+
+
+class KeepAliveUpstream:
+    """A raw upstream that answers many requests per connection (the bytes
+    for each path), and records which connection each request came on."""
+
+    def __init__(self, answers: dict[str, bytes]) -> None:
+        self.answers = answers
+        #: (connection number, path) per request received.
+        self.seen: list[tuple[int, str]] = []
+        self._connections = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.url = ""
+
+    async def __aenter__(self) -> KeepAliveUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._connections += 1
+        number = self._connections
+        try:
+            for _ in range(100):
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+                path = head.split(b" ", 2)[1].decode()
+                self.seen.append((number, path))
+                writer.write(self.answers[path])
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.transport.abort()
+
+
+@dataclass
+class Exchange:
+    """The exchange app's URL and what each of its requests ended with."""
+
+    url: str
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
+@contextlib.asynccontextmanager
+async def exchange(upstream_url: str, **changes: object) -> AsyncIterator[Exchange]:
+    """``proxy.Upstream`` over ``proxy.build_session`` behind a span-free
+    aiohttp app that calls each step once, as ``Gateway._forward`` does."""
+    config = GatewayConfig().replace(
+        upstream=upstream_url, workers=1, clock_key=b"k" * 32, **changes
+    )
+    session = proxy.build_session(config)
+    upstream = proxy.Upstream(config.upstream_url, session, config.client_timeout_s)
+    outcomes: list[Outcome] = []
+
+    async def refuse(request: web.Request, failure: proxy.Failure) -> web.Response:
+        outcomes.append(failure)
+        response = web.Response(status=failure.status, text=failure.message)
+        if failure.cut_client:
+            return await proxy.cut_client(request, response)
+        return response
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await proxy.read_body(request, config)
+        if isinstance(body, proxy.Failure):
+            return await refuse(request, body)
+        target = upstream.target(request.raw_path)
+        if isinstance(target, proxy.Failure):
+            return await refuse(request, target)
+        answer = await upstream.call(request.method, target, CIMultiDict(), body)
+        if isinstance(answer, proxy.Failure):
+            return await refuse(request, answer)
+        response = upstream.response(answer)
+        if isinstance(response, proxy.Failure):
+            return await refuse(request, response)
+        outcomes.append(await upstream.relay(request, answer, response))
+        return response
+
+    app = web.Application()
+    app.on_response_prepare.append(proxy.drop_default_headers)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    # As the gateway's CLI runs it: a client that disconnects does not cancel
+    # the handler (aiohttp's TestServer would), so relay() sees it go.
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        yield Exchange(f"http://127.0.0.1:{port}", outcomes)
+    finally:
+        await runner.cleanup()
+        await session.close()
+
+
+async def _wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds, bounded in count and time."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s * 100)):
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+async def _get(ex: Exchange, path: str, *, read: bool = True, keep_alive: bool = False) -> bytes:
+    """One raw GET to the exchange app; everything until it closes the
+    connection (``read=False``: only the response head). ``keep_alive``: the
+    request does not ask for the close, so only a cut closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+    connection = "" if keep_alive else "Connection: close\r\n"
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\n{connection}\r\n".encode())
+        await writer.drain()
+        if not read:
+            return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.transport.abort()
+
+
+# -- the upstream URL -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw_target", "expected"),
+    [
+        # Byte for byte: no decoding of %2F, no re-quoting, query untouched.
+        ("/a%2Fb/c%20d?x=%20y&&z=1;2", "/a%2Fb/c%20d?x=%20y&&z=1;2"),
+        ("/?", "/"),
+        # RFC 9112 §3.2.2 absolute-form: only path and query go on; the
+        # authority in it never chooses where we connect.
+        ("http://evil.example:81/p%2F?q=1", "/p%2F?q=1"),
+        ("https://evil.example", "/"),
+    ],
+)
+async def test_target_goes_to_the_configured_upstream_with_path_and_query_unchanged(
+    raw_target: str, expected: str
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        upstream = proxy.Upstream(URL("http://127.0.0.1:4567"), session, 1.0)
+        target = upstream.target(raw_target)
+    assert isinstance(target, URL)
+    assert str(target) == "http://127.0.0.1:4567" + expected
+
+
+@pytest.mark.parametrize("raw_target", ["ftp://h/x", "*", "h:80", "mailto:a@b"])
+async def test_a_target_that_is_not_a_path_or_http_url_is_a_400(raw_target: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        upstream = proxy.Upstream(URL("http://127.0.0.1:4567"), session, 1.0)
+        assert upstream.target(raw_target) == proxy.Failure(
+            400, "request target must be a path or an http(s) URL", "400"
+        )
+
+
+#: ``target()`` is pure: it never touches the session.
+_NO_SESSION = cast("aiohttp.ClientSession", None)
+_TARGET_CHARS = st.characters(min_codepoint=0x21, max_codepoint=0x7E)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw_target=st.one_of(
+        st.text(_TARGET_CHARS, max_size=80),
+        st.text(max_size=20),
+        st.tuples(
+            st.sampled_from(["http://", "https://", "ftp://", "//"]), st.text(_TARGET_CHARS)
+        ).map("".join),
+    )
+)
+def test_no_target_chooses_where_the_gateway_connects(raw_target: str) -> None:
+    """Any target a client can write: a 400, or a URL on the configured
+    upstream (never a 500, never the client's authority)."""
+    upstream = proxy.Upstream(URL("http://127.0.0.1:4567"), _NO_SESSION, 1.0)
+    target = upstream.target(raw_target)
+    if isinstance(target, proxy.Failure):
+        assert target.status == 400
+    else:
+        assert (target.scheme, target.raw_authority) == ("http", "127.0.0.1:4567")
+
+
+# -- the call: error mapping -------------------------------------------------------
+
+
+async def test_unreachable_upstream_is_a_502_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.upstream")
+    async with exchange(f"http://127.0.0.1:{free_port()}") as ex:
+        status, _, body = parse_head(await _get(ex, "/down?q=1"))
+    assert status == 502
+    assert body == b"upstream unreachable"
+    assert ex.outcomes == [proxy.Failure(502, "upstream unreachable", "ClientConnectorError")]
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.upstream"] == [
+        "upstream GET /down: upstream unreachable (ClientConnectorError)"
+    ]
+
+
+async def test_upstream_silent_past_the_read_timeout_is_a_504() -> None:
+    async with (
+        ScriptedUpstream({"/slow": stall()}) as up,
+        exchange(up.url, read_timeout_s=0.3) as ex,
+    ):
+        status, _, _ = parse_head(await _get(ex, "/slow"))
+    assert status == 504
+    assert ex.outcomes == [proxy.Failure(504, "upstream timed out", "timeout")]
+
+
+@pytest.mark.parametrize(
+    ("answer", "error_type"),
+    [
+        (b"", "ServerDisconnectedError"),
+        (b"NOT HTTP AT ALL\r\n\r\n", "ClientResponseError"),
+    ],
+)
+async def test_upstream_that_closes_or_answers_garbage_is_a_502(
+    answer: bytes, error_type: str
+) -> None:
+    async with ScriptedUpstream({"/bad": fixed(answer)}) as up, exchange(up.url) as ex:
+        status, _, _ = parse_head(await _get(ex, "/bad"))
+    assert status == 502
+    assert ex.outcomes == [proxy.Failure(502, "upstream failed", error_type)]
+
+
+async def test_a_body_that_stalls_while_buffered_is_a_408_that_closes() -> None:
+    async with KeepAliveUpstream({}) as up, exchange(up.url, client_timeout_s=0.3) as ex:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            # Within the buffer: read before any upstream call, never finished.
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+            await writer.drain()
+            # Closed at once (aiohttp's lingering read would wait 10 s).
+            answer = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.transport.abort()
+    assert parse_head(answer)[0] == 408
+    assert ex.outcomes == [proxy.Failure(408, "request body stalled", "408", cut_client=True)]
+    assert up.seen == []  # never forwarded
+
+
+async def test_a_body_that_stalls_while_streaming_upstream_is_a_408_that_closes() -> None:
+    async with (
+        ScriptedUpstream({"/up": stall()}) as up,
+        exchange(up.url, client_timeout_s=0.3, buffer_body_bytes=1024) as ex,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            # Declared above the buffer: streamed at once, then never finished.
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\nabc")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 10)  # until it closes
+        finally:
+            writer.transport.abort()
+    assert parse_head(answer)[0] == 408
+    assert ex.outcomes == [proxy.Failure(408, "request body stalled", "408", cut_client=True)]
+
+
+async def test_a_body_over_the_limit_while_buffered_is_a_413() -> None:
+    async with (
+        KeepAliveUpstream({}) as up,
+        exchange(up.url, max_body_bytes=2048, buffer_body_bytes=16) as ex,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"1000\r\n" + b"x" * 4096 + b"\r\n0\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            writer.transport.abort()
+    assert parse_head(answer)[0] == 413
+    assert ex.outcomes == [proxy.Failure(413, "request body too large", "413")]
+    assert up.seen == []  # never forwarded
+
+
+async def test_a_body_over_the_limit_while_streaming_upstream_is_a_413() -> None:
+    """The upstream call has started (the body streams) when the limit is
+    passed: aiohttp's client wraps the reader's error, the reader tells."""
+    async with (
+        ScriptedUpstream({"/up": stall()}) as up,
+        exchange(up.url, max_body_bytes=2048, buffer_body_bytes=16) as ex,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"64\r\n" + b"x" * 100 + b"\r\n")  # past the buffer: streams
+            await writer.drain()
+            await _wait_for(lambda: bool(up.requests))
+            writer.write(b"1000\r\n" + b"x" * 4096 + b"\r\n0\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            writer.transport.abort()
+    assert parse_head(answer)[0] == 413
+    assert ex.outcomes == [proxy.Failure(413, "request body too large", "413")]
+
+
+# -- the response head ---------------------------------------------------------------
+
+
+async def test_no_content_type_or_server_is_added_when_the_upstream_sent_none() -> None:
+    """Fails if aiohttp stops firing ``on_response_prepare`` after it sets its
+    default headers (the only place ``proxy.drop_default_headers`` can undo them)."""
+    plain = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+    own = b"HTTP/1.1 200 OK\r\nContent-Type: text/x\r\nServer: up/1\r\nContent-Length: 2\r\n\r\nhi"
+    async with KeepAliveUpstream({"/plain": plain, "/own": own}) as up, exchange(up.url) as ex:
+        plain_status, plain_headers, plain_body = parse_head(await _get(ex, "/plain"))
+        own_status, own_headers, _ = parse_head(await _get(ex, "/own"))
+    names = [k.lower() for k, _ in plain_headers]
+    assert (plain_status, plain_body) == (200, b"hi")
+    assert "content-type" not in names
+    assert "server" not in names
+    assert "date" in names  # RFC 9110 §6.6.1: still added by a recipient with a clock
+    assert own_status == 200
+    assert [v for k, v in own_headers if k.lower() in ("content-type", "server")] == [
+        "text/x",
+        "up/1",
+    ]
+
+
+async def test_a_header_that_cannot_pass_unchanged_is_a_502_on_a_fresh_connection_after() -> None:
+    # Its body is not all there yet: the connection must not be reused.
+    bad = b"HTTP/1.1 200 OK\r\nX-Bad: caf\xe9\r\nContent-Length: 9\r\n\r\nhi"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with KeepAliveUpstream({"/bad": bad, "/ok": ok}) as up, exchange(up.url) as ex:
+        status, _, _ = parse_head(await _get(ex, "/bad"))
+        assert parse_head(await _get(ex, "/ok"))[2] == b"ok"
+    assert status == 502
+    assert ex.outcomes[0] == proxy.Failure(
+        502, "upstream sent header 'X-Bad' that is not UTF-8", "header"
+    )
+    # The unread answer's connection was given up, not pooled.
+    assert up.seen == [(1, "/bad"), (2, "/ok")]
+
+
+# -- streaming the body, and aborts ---------------------------------------------------
+
+
+async def test_a_complete_answer_returns_its_connection_to_the_pool() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    async with KeepAliveUpstream({"/a": ok, "/b": ok}) as up, exchange(up.url) as ex:
+        first = parse_head(await _get(ex, "/a"))
+        second = parse_head(await _get(ex, "/b"))
+    assert first[2] == second[2] == b"hello"
+    assert ex.outcomes == [proxy.COMPLETE, proxy.COMPLETE]
+    assert up.seen == [(1, "/a"), (1, "/b")]
+
+
+async def test_upstream_dying_mid_body_cuts_the_clients_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.upstream")
+
+    async def cut(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+
+    async with ScriptedUpstream({"/cut": cut}) as up, exchange(up.url) as ex:
+        answer = await _get(ex, "/cut", keep_alive=True)  # until the gateway drops it
+    status, headers, body = parse_head(answer)
+    assert status == 200
+    assert ("Content-Length", "100") in headers
+    assert body == b"x" * 10  # truncated: never completed with a wrong length
+    assert ex.outcomes == [proxy.Relayed(upstream_error="ClientPayloadError")]
+    assert "upstream GET /cut died mid-body: ClientPayloadError" in caplog.text
+
+
+async def test_upstream_stalling_mid_body_past_the_read_timeout_cuts_the_client() -> None:
+    async def slow(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nxy")
+        await writer.drain()
+        await asyncio.sleep(3600)
+
+    async with ScriptedUpstream({"/slow": slow}) as up, exchange(up.url, read_timeout_s=0.3) as ex:
+        _, _, body = parse_head(await _get(ex, "/slow", keep_alive=True))
+    assert body == b"xy"
+    assert ex.outcomes == [proxy.Relayed(upstream_error="timeout")]
+
+
+_BIG = 64 * 1024 * 1024
+
+
+async def _flood(head: bytes, writer: asyncio.StreamWriter) -> None:
+    """A body far larger than every socket buffer, written until refused."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % _BIG)
+    chunk = b"z" * (1024 * 1024)
+    with contextlib.suppress(ConnectionError):
+        for _ in range(_BIG // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+
+
+async def test_a_client_that_stops_reading_is_dropped() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with (
+        ScriptedUpstream({"/big": _flood, "/ok": fixed(ok)}) as up,
+        exchange(up.url, client_timeout_s=0.5) as ex,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            await writer.drain()
+            await _wait_for(lambda: bool(ex.outcomes))  # never reading a byte
+            # Dropped: what is left in the socket buffers, then the end.
+            received = 0
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(5):
+                    while chunk := await reader.read(1024 * 1024):
+                        received += len(chunk)
+        finally:
+            writer.transport.abort()
+    assert ex.outcomes == [proxy.Relayed(client_error="client_timeout")]
+    assert received < _BIG
+
+
+async def test_a_client_that_disconnects_mid_body_is_reported_as_gone() -> None:
+    async with (
+        ScriptedUpstream({"/big": _flood}) as up,
+        exchange(up.url, client_timeout_s=30) as ex,
+    ):
+        head = await _get(ex, "/big", read=False)
+        await _wait_for(lambda: bool(ex.outcomes))
+    assert parse_head(head)[0] == 200
+    assert ex.outcomes == [proxy.Relayed(client_error="client_disconnected")]
