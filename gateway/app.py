@@ -3,9 +3,11 @@
 What it is for: putting the pieces together for each request. ``create_app``
 builds an ``aiohttp.web.Application`` with its upstream ``ClientSession``
 (opened and closed in ``cleanup_ctx``), the reserved ``/__gateway/`` routes,
-and the proxy handler that traces every forwarded request:
-SERVER span ("the request as the gateway saw it") → CLIENT span (the
-upstream call) → whatever the backend records under the context we inject.
+and the proxy handler that traces every forwarded request: one SERVER span
+("the request as the gateway saw it", the upstream call's timing and address
+recorded on it) → whatever the backend records under the context we inject.
+``GATEWAY_SPANS=server,client`` puts a CLIENT span for the upstream call
+between the two, as earlier versions did.
 
 Not for: header rules (``proxy.py``), context trust (``context.py``) or
 process management (``cli.py``).
@@ -112,7 +114,9 @@ class Gateway:
         # exports goes through it.
         self.redactor = QueryRedactor(config.redact_query_params)
         self.session: aiohttp.ClientSession | None = None
-        self._server_port = self.upstream.port
+        self._server_port = self.upstream.port or 80
+        self._upstream_host = self.upstream.host or ""
+        self._client_span = config.client_span
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             connect=config.connect_timeout_s,
@@ -196,6 +200,11 @@ class Gateway:
             "network.peer.address": request.remote or "",
             "network.protocol.version": f"{request.version.major}.{request.version.minor}",
             "gateway.context.source": inbound.source,
+            # HTTP semconv: on a SERVER span server.address/server.port name
+            # the host the client addressed, so the upstream this gateway
+            # forwards to has names of its own (README, "A traced request").
+            attr.UPSTREAM_ADDRESS: self._upstream_host,
+            attr.UPSTREAM_PORT: self._server_port,
         }
         if known == "_OTHER":
             attributes["http.request.method_original"] = method[:64]
@@ -303,19 +312,24 @@ class Gateway:
         )
 
         headers = proxy.upstream_request_headers(request, fwd)
-        known = method_attribute(request.method)
-        client_span = self.tracer.start_span(
-            span_name(known),
-            context=set_span_in_context(server_span),
-            kind=SpanKind.CLIENT,
-            attributes={
-                "http.request.method": known,
-                "url.full": self.redactor.url(str(target)),
-                "server.address": self.upstream.host or "",
-                "server.port": self._server_port or 80,
-            },
-        )
-        context.inject(headers, client_span.get_span_context())
+        client_span: Span | None = None
+        if self._client_span:
+            known = method_attribute(request.method)
+            client_span = self.tracer.start_span(
+                span_name(known),
+                context=set_span_in_context(server_span),
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "http.request.method": known,
+                    "url.full": self.redactor.url(str(target)),
+                    "server.address": self._upstream_host,
+                    "server.port": self._server_port,
+                },
+            )
+            # W3C Trace Context §3.2: parent-id is the span of the outgoing call.
+            context.inject(headers, client_span.get_span_context())
+        else:
+            context.inject(headers, server_ctx)
 
         assert self.session is not None
         sent_perf = time.perf_counter_ns()
@@ -331,9 +345,10 @@ class Gateway:
             )
         except BaseException as exc:
             status, message, error_type = _classify(exc, reader)
-            client_span.set_attribute("error.type", error_type)
-            client_span.set_status(Status(StatusCode.ERROR, message))
-            client_span.end()
+            if client_span is not None:
+                client_span.set_attribute("error.type", error_type)
+                client_span.set_status(Status(StatusCode.ERROR, message))
+                client_span.end()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if status >= 500:
@@ -346,10 +361,11 @@ class Gateway:
 
         upstream_ns = time.perf_counter_ns() - sent_perf
         status = upstream.status
-        client_span.set_attribute("http.response.status_code", status)
-        if status >= 400:
-            client_span.set_attribute("error.type", str(status))
-            client_span.set_status(Status(StatusCode.ERROR))
+        if client_span is not None:
+            client_span.set_attribute("http.response.status_code", status)
+            if status >= 400:
+                client_span.set_attribute("error.type", str(status))
+                client_span.set_status(Status(StatusCode.ERROR))
         server_span.set_attribute("http.response.status_code", status)
         if status >= 500:
             server_span.set_attribute("error.type", str(status))
@@ -359,7 +375,8 @@ class Gateway:
             out_headers = proxy.response_headers(upstream.headers)
         except proxy.BadUpstreamHeader as exc:
             upstream.close()
-            client_span.end()
+            if client_span is not None:
+                client_span.end()
             upstream_log.warning("%s", exc)
             return fail(502, str(exc), "header")
         keep = frozenset(k.lower() for k in ("Content-Type", "Server") if k in out_headers)
@@ -388,7 +405,7 @@ class Gateway:
             # The upstream died or stalled mid-body: cut the client's response
             # (never complete it with a wrong length) and mark the spans.
             error_type = "timeout" if isinstance(exc, TimeoutError) else type(exc).__qualname__
-            for span in (client_span, server_span):
+            for span in (server_span,) if client_span is None else (client_span, server_span):
                 span.set_attribute("error.type", error_type)
                 span.set_status(Status(StatusCode.ERROR, "upstream response cut short"))
             upstream_log.warning(
@@ -397,7 +414,8 @@ class Gateway:
             _abort(request)
         finally:
             to_client.stop()
-            client_span.end()
+            if client_span is not None:
+                client_span.end()
             # A fully read response goes back to the pool; anything else gives
             # its connection up (unread bytes would poison the next request).
             if completed:
