@@ -199,7 +199,7 @@ def measure_steps() -> list[tuple[str, str, float | None, str]]:
         lambda: spans(tracer, with_client=False),
     )
     step(
-        "SERVER + CLIENT span (GATEWAY_SPANS=server,client)",
+        "(SERVER + CLIENT span instead, with GATEWAY_SPANS=server,client)",
         "OTel SDK via gateway/app.py handle/_forward + measure.record",
         lambda: spans(tracer),
     )
