@@ -759,6 +759,36 @@ def test_upstream_wait_sits_inside_the_gateway_span(
     assert upstream_wait(span) == wait
 
 
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gateway_ms=_ANY_VALUE,
+    upstream_ms=_ANY_VALUE,
+    duration_ns=st.integers(min_value=-(10**12), max_value=10**12),
+)
+def test_upstream_wait_never_raises_and_stays_inside_the_bar(
+    gateway_ms: Any, upstream_ms: Any, duration_ns: int
+) -> None:
+    """The figures come from any OTLP client: whatever they are, the wait is
+    None or a segment within the span's own bar."""
+    span = record(0, 0, service="gateway", kind=2, start_ns=10**18, duration_ns=duration_ns,
+                  attributes={"latency.gateway_ms": gateway_ms,
+                              "latency.upstream_ms": upstream_ms})  # fmt: skip
+    wait = upstream_wait(span)
+    if wait is not None:
+        offset, width = wait
+        assert 0.0 <= offset <= 100.0
+        assert 0.0 <= width <= 100.0 - offset + 1e-9
+
+
 def test_percentile_is_nearest_rank() -> None:
     values = [15.0, 20.0, 35.0, 40.0, 50.0]
     assert [percentile(values, p) for p in (5, 30, 40, 50, 100)] == [15, 20, 20, 35, 50]

@@ -169,9 +169,10 @@ def upstream_wait(span: SpanRecord) -> tuple[float, float] | None:
         return None
     if not 0 <= upstream_ms <= gateway_ms:
         return None
-    offset = min((gateway_ms - upstream_ms) / span_ms * 100, 100.0)
-    width = min(upstream_ms / span_ms * 100, 100.0 - offset)
-    return round(offset, 3), round(width, 3)
+    offset = round(min((gateway_ms - upstream_ms) / span_ms * 100, 100.0), 3)
+    # Rounded after the clamp to what is left, so the segment never pokes out.
+    width = max(min(round(upstream_ms / span_ms * 100, 3), 100.0 - offset), 0.0)
+    return offset, width
 
 
 @dataclass(frozen=True, slots=True)
