@@ -81,8 +81,15 @@ CASES = [
     Case(
         "gateway",
         "**gateway (full)**",
-        "`python -m gateway --workers 2`: full tracing (SERVER + CLIENT span per request, "
+        "`python -m gateway --workers 2`: full tracing (one SERVER span per request, "
         "OTLP/HTTP to a real receiver in its own process) and latency checks",
+        "direct",
+        ALL,
+    ),
+    Case(
+        "gateway-2spans",
+        "gateway, two spans",
+        "the full gateway with `GATEWAY_SPANS=server,client` (SERVER + CLIENT span per request)",
         "direct",
         ALL,
     ),
@@ -319,6 +326,14 @@ def start_load_servers(
         otlp_endpoint=sink.url,
         env={"OTEL_SDK_DISABLED": "true"},
     )
+    out["gateway-2spans"] = servers.gateway(
+        procs,
+        "gateway-2spans",
+        up,
+        workers=2,
+        otlp_endpoint=sink.url,
+        env={"GATEWAY_SPANS": "server,client"},
+    )
     out["gateway-b512"] = servers.gateway(
         procs,
         "gateway-b512",
@@ -382,6 +397,67 @@ def overhead(
                 + (f"  errors {res.errors + res.non_2xx}" if res.errors + res.non_2xx else "")
             )
     return samples
+
+
+def encoder_costs() -> list[tuple[int, float, float]]:
+    """(batch, official µs/span, otlp_encode µs/span) on the gateway's spans."""
+    import encoder_bench
+
+    pair = encoder_bench.gateway_spans()
+    rows = []
+    for size in (1, 64):
+        batch = (pair * size)[:size]
+        rows.append(
+            (
+                size,
+                encoder_bench.us_per_span(encoder_bench.ENCODERS["official"], batch),
+                encoder_bench.us_per_span(encoder_bench.ENCODERS["otlp_encode"], batch),
+            )
+        )
+    return rows
+
+
+def loop_lag(
+    procs: Procs,
+    workdir: Path,
+    upstream: servers.Server,
+    sink: servers.Server,
+    duration_s: float,
+    switch_interval_s: float | None,
+) -> dict[str, Any]:
+    """One gateway worker with the stall probe (benchmarks/loop_lag.py) under
+    wrk at c=1; what it saw, plus wrk's p50/p99."""
+    port = harness.free_port()
+    out = workdir / f"loop-lag-{switch_interval_s}.json"
+    argv = [
+        harness.python(),
+        str(BENCH / "loop_lag.py"),
+        "--upstream",
+        upstream.url,
+        "--port",
+        str(port),
+        "--out",
+        str(out),
+    ]
+    if switch_interval_s is not None:
+        argv += ["--switch-interval-s", str(switch_interval_s)]
+    env = {
+        **servers.QUIET_ENV,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+        "GATEWAY_CLOCK_KEY": "bench-clock-key-0123456789abcdef",
+        "GATEWAY_TIMING_RATE": "1000000/s, burst 1000000",
+    }
+    proc = procs.start(f"loop-lag-{switch_interval_s}", argv, env=env)
+    url = f"http://127.0.0.1:{port}"
+    harness.wait_http(url + "/__gateway/clock", proc)
+    harness.wrk(url + PATH, connections=1, duration_s=1.0, headers=snippet_headers(url))
+    result = harness.wrk(
+        url + PATH, connections=1, duration_s=duration_s, headers=snippet_headers(url)
+    )
+    procs.stop(proc, grace_s=15.0)
+    stats: dict[str, Any] = json.loads(out.read_text())
+    stats["p50_ms"], stats["p99_ms"] = result.p50_ms, result.p99_ms
+    return stats
 
 
 def sink_stats(sink: servers.Server) -> dict[str, Any]:
@@ -493,6 +569,20 @@ def main() -> int:
         log(f"foreign CPU during the overhead section: {100 * foreign.foreign_share:.1f} %")
         time.sleep(1.0)  # the last batches reach the sink
         r["verdicts"] = sink_stats(sink).get("status", {})
+
+        log("export stalls: loop-lag probe at c=1 (gateway's switch interval, then 5 ms)")
+        r["loop_lag"] = []
+        for interval in (None, 0.005):
+            stats = loop_lag(procs, workdir, upstream, sink, settings["duration_s"] * 2, interval)
+            r["loop_lag"].append(stats)
+            log(
+                f"switch interval {stats['switch_interval_s'] * 1e3:g} ms: "
+                f"{stats['batches']} batches, stall p90 "
+                f"{stats['stall_ms_per_batch_p90']} ms, "
+                f"worst {stats['stall_ms_per_batch_max']} ms"
+            )
+        log("OTLP encoder alone, official against otlp_encode")
+        r["encoder"] = encoder_costs()
 
         agg = report.aggregate(r["samples"])
         missed = [

@@ -5,13 +5,14 @@ What it is for: the request's path through the gateway, read top to bottom in
 ``aiohttp.web.Application`` whose upstream ``ClientSession`` (built by
 ``proxy.build_session``) is opened and closed in ``cleanup_ctx``, with the
 reserved ``/__gateway/`` routes and the proxy handler that traces every
-forwarded request: SERVER span ("the request as the gateway saw it") → CLIENT
-span (the upstream call) → whatever the backend records under the context we
-inject. Each step of the exchange is one call into ``proxy.Upstream``; what
-it returns becomes span attributes and, on failure, the gateway's own answer
-here. The latency measurement (``measure.py``), Server-Timing,
-X-Gateway-Clock and the CORS decisions are added here, just before the
-response head goes out.
+forwarded request: one SERVER span ("the request as the gateway saw it", the
+upstream call's timing and address recorded on it) → whatever the backend
+records under the context we inject (``GATEWAY_SPANS=server,client`` puts a
+CLIENT span for the upstream call between the two). Each step of the
+exchange is one call into ``proxy.Upstream``; what it returns becomes span
+attributes and, on failure, the gateway's own answer here. The latency
+measurement (``measure.py``), Server-Timing, X-Gateway-Clock and the CORS
+decisions are added here, just before the response head goes out.
 
 Not for: the upstream exchange itself — URL, call, error mapping, response
 headers, streaming and aborts (``proxy.py``) —, context trust
@@ -90,7 +91,9 @@ class Gateway:
         self.redactor = QueryRedactor(config.redact_query_params)
         # The exchange with the upstream, once cleanup_ctx opened its session.
         self.proxy: proxy.Upstream | None = None
-        self._server_port = self.upstream.port
+        self._server_port = self.upstream.port or 80
+        self._upstream_host = self.upstream.host or ""
+        self._client_span = config.client_span
 
     # -- lifecycle -------------------------------------------------------
 
@@ -154,6 +157,11 @@ class Gateway:
             "network.peer.address": request.remote or "",
             "network.protocol.version": f"{request.version.major}.{request.version.minor}",
             "gateway.context.source": inbound.source,
+            # HTTP semconv: on a SERVER span server.address/server.port name
+            # the host the client addressed, so the upstream this gateway
+            # forwards to has names of its own (README, "A traced request").
+            attr.UPSTREAM_ADDRESS: self._upstream_host,
+            attr.UPSTREAM_PORT: self._server_port,
         }
         if known == "_OTHER":
             attributes["http.request.method_original"] = method[:64]
@@ -244,19 +252,24 @@ class Gateway:
         headers = proxy.upstream_request_headers(
             request, fwd, preserve_host=self.config.preserve_host
         )
-        known = method_attribute(request.method)
-        client_span = self.tracer.start_span(
-            span_name(known),
-            context=set_span_in_context(server_span),
-            kind=SpanKind.CLIENT,
-            attributes={
-                "http.request.method": known,
-                "url.full": self.redactor.url(str(target)),
-                "server.address": self.upstream.host or "",
-                "server.port": self._server_port or 80,
-            },
-        )
-        context.inject(headers, client_span.get_span_context())
+        client_span: Span | None = None
+        if self._client_span:
+            known = method_attribute(request.method)
+            client_span = self.tracer.start_span(
+                span_name(known),
+                context=set_span_in_context(server_span),
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "http.request.method": known,
+                    "url.full": self.redactor.url(str(target)),
+                    "server.address": self._upstream_host,
+                    "server.port": self._server_port,
+                },
+            )
+            # W3C Trace Context §3.2: parent-id is the span of the outgoing call.
+            context.inject(headers, client_span.get_span_context())
+        else:
+            context.inject(headers, server_span.get_span_context())
 
         sent_perf = time.perf_counter_ns()
         try:
@@ -270,10 +283,11 @@ class Gateway:
 
         upstream_ns = time.perf_counter_ns() - sent_perf
         status = answer.status
-        client_span.set_attribute("http.response.status_code", status)
-        if status >= 400:
-            client_span.set_attribute("error.type", str(status))
-            client_span.set_status(Status(StatusCode.ERROR))
+        if client_span is not None:
+            client_span.set_attribute("http.response.status_code", status)
+            if status >= 400:
+                client_span.set_attribute("error.type", str(status))
+                client_span.set_status(Status(StatusCode.ERROR))
         server_span.set_attribute("http.response.status_code", status)
         if status >= 500:
             server_span.set_attribute("error.type", str(status))
@@ -281,7 +295,8 @@ class Gateway:
 
         response = upstream.response(answer)
         if isinstance(response, proxy.Failure):
-            client_span.end()
+            if client_span is not None:
+                client_span.end()
             return await refuse(response)
         try:
             self._finish_headers(response.headers, exchange, upstream_ns)
@@ -291,11 +306,12 @@ class Gateway:
             elif relayed.upstream_error is not None:
                 # The upstream died or stalled mid-body: the client's response
                 # was cut (never completed with a wrong length).
-                for span in (client_span, server_span):
+                for span in (server_span,) if client_span is None else (client_span, server_span):
                     span.set_attribute("error.type", relayed.upstream_error)
                     span.set_status(Status(StatusCode.ERROR, "upstream response cut short"))
         finally:
-            client_span.end()
+            if client_span is not None:
+                client_span.end()
         return response
 
     def _finish_headers(
@@ -357,7 +373,9 @@ class _Exchange:
         self.inbound: SpanContext | None = None
 
 
-def _end_failed(client_span: Span, failure: proxy.Failure) -> None:
+def _end_failed(client_span: Span | None, failure: proxy.Failure) -> None:
+    if client_span is None:
+        return
     client_span.set_attribute("error.type", failure.error_type)
     client_span.set_status(Status(StatusCode.ERROR, failure.message))
     client_span.end()

@@ -28,7 +28,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Coroutine, Sequence
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from aiohttp import web
 
@@ -185,11 +185,20 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+#: ``sys.setswitchinterval`` in each worker (see ``run_worker``).
+GIL_SWITCH_INTERVAL_S: Final = 0.0005
+
+
 def run_worker(config: GatewayConfig) -> int:
     """Serve until SIGTERM/SIGINT in this process; return the exit code."""
     from gateway.app import create_app
     from latency_common.telemetry import ALWAYS_ON, build_telemetry, shutdown_tracer_provider
 
+    # The span exporter's thread and the event loop share the GIL: a thread
+    # that wants it waits up to the switch interval (5 ms by default) for a
+    # thread computing in Python to give it up. 0.5 ms bounds how long one
+    # export batch can stall the loop at a time (benchmarks/loop_lag.py).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     telemetry = build_telemetry("gateway", default_sampler=ALWAYS_ON)
     provider = telemetry.provider
     app = create_app(config, telemetry=telemetry)

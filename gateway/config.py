@@ -27,6 +27,9 @@ from gateway.cpus import allowed_cpus
 
 TrustMode = Literal["continue", "link", "restart"]
 TRUST_MODES: tuple[TrustMode, ...] = ("continue", "link", "restart")
+#: The gateway's own spans per proxied request: the SERVER span always; a
+#: CLIENT span for the upstream call only when asked (README "A traced request").
+SPAN_KINDS = ("server", "client")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 #: No cross-origin page by default: only pages served from the gateway's own
@@ -88,6 +91,14 @@ class GatewayConfig:
     #: Pass the browser's ``Host`` upstream instead of the upstream's own
     #: (README "Put it in front of your API"); off, as nginx's default.
     preserve_host: bool = False
+    #: ``GATEWAY_SPANS``: ``("server",)`` (one span per request, the upstream
+    #: call recorded on it) or ``("server", "client")`` (a separate CLIENT span).
+    spans: tuple[str, ...] = ("server",)
+
+    @property
+    def client_span(self) -> bool:
+        """Whether the upstream call gets its own CLIENT span."""
+        return "client" in self.spans
 
     @property
     def upstream_url(self) -> URL:
@@ -137,6 +148,10 @@ class GatewayConfig:
             raise ConfigError("GATEWAY_MAX_CONNECTIONS must be at least 1")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"GATEWAY_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        if "server" not in self.spans or any(kind not in SPAN_KINDS for kind in self.spans):
+            raise ConfigError(
+                f"GATEWAY_SPANS must be 'server' or 'server,client', got {','.join(self.spans)!r}"
+            )
         for param in self.redact_query_params:
             if not param or any(c in param for c in "&=#? ") or not param.isprintable():
                 raise ConfigError(
@@ -221,6 +236,12 @@ class GatewayConfig:
                 "redact_query_params", "GATEWAY_REDACT_QUERY_PARAMS", _parse_list, ()
             ),
             preserve_host=pick("preserve_host", "GATEWAY_PRESERVE_HOST", _parse_bool, False),
+            spans=tuple(
+                dict.fromkeys(
+                    kind.lower()
+                    for kind in pick("spans", "GATEWAY_SPANS", _parse_list, defaults.spans)
+                )
+            ),
         )
         config.validate()
         return config

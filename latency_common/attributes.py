@@ -2,7 +2,7 @@
 (the gateway) and the code that reads them (the viewer, the Collector
 config's sampling policy, the README's queries).
 
-The ``latency.`` namespace is ours; ``browser.*`` and ``app.*`` belong to
+The ``latency.`` and ``gateway.`` namespaces are ours; ``browser.*`` and ``app.*`` belong to
 others (HTTP semantic conventions leave custom namespaces to the user).
 """
 
@@ -25,5 +25,9 @@ SYNC_DELAY_MS: Final = "latency.sync_delay_ms"
 SYNC_AGE_MS: Final = "latency.sync_age_ms"
 GATEWAY_MS: Final = "latency.gateway_ms"
 UPSTREAM_MS: Final = "latency.upstream_ms"
+#: On the gateway's SERVER span: the upstream it forwards to (semconv's
+#: server.address/server.port there name the host the client addressed).
+UPSTREAM_ADDRESS: Final = "gateway.upstream.address"
+UPSTREAM_PORT: Final = "gateway.upstream.port"
 #: On browser spans built from beacons: where the figures came from.
 SOURCE: Final = "latency.source"

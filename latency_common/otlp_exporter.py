@@ -24,6 +24,7 @@ until then the exporter falls back to the official encoder, never breaks).
 from __future__ import annotations
 
 import logging
+import threading
 import types
 from collections.abc import Callable, Sequence
 from typing import Final, cast
@@ -41,6 +42,11 @@ SDK_ENCODER_NAME: Final = "encode_spans"
 
 _Export = Callable[[OTLPSpanExporter, Sequence[ReadableSpan]], SpanExportResult]
 
+#: How many spans the last batch encoded on this thread left out: the SDK
+#: keeps only the bytes of what it asked to be encoded, so the count comes
+#: back to :meth:`FastOTLPSpanExporter.export` this way.
+_last_batch = threading.local()
+
 
 class _Serialized:
     """Stands in for the protobuf request the SDK would build: the SDK only
@@ -57,6 +63,7 @@ class _Serialized:
 
 def _encode(spans: Sequence[ReadableSpan]) -> _Serialized:
     batch = encode_spans_dropping_invalid(spans)
+    _last_batch.dropped = batch.dropped
     if batch.dropped:
         log.warning(
             "%d of %d spans left out of an OTLP export, they could not be encoded (%.200s)",
@@ -88,10 +95,17 @@ _export: Final = _sdk_export_with(_encode)
 class FastOTLPSpanExporter(OTLPSpanExporter):
     """``OTLPSpanExporter`` with the request body written by ``latency_common.otlp_encode``.
 
-    Same constructor, same environment variables, same bytes on the wire."""
+    Same constructor, same environment variables, same bytes on the wire.
+    ``unencodable_spans`` counts the spans left out."""
+
+    unencodable_spans = 0
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return _export(self, spans)
+        _last_batch.dropped = 0
+        result = _export(self, spans)
+        # One export thread per exporter (the batch processor's): no lock.
+        self.unencodable_spans += _last_batch.dropped
+        return result
 
 
 __all__ = ["FastOTLPSpanExporter"]

@@ -2,7 +2,11 @@
 
 What this module is for: one place that turns the standard ``OTEL_*``
 environment variables into a ``TracerProvider`` exporting OTLP/HTTP through a
-``BatchSpanProcessor``, so gateway and backend are configured alike.
+``BatchSpanProcessor``, so gateway and backend are configured alike. The
+exporter is :class:`~latency_common.otlp_exporter.FastOTLPSpanExporter` (the
+SDK's, with a faster encoder) posting through a ``requests.Session`` whose
+proxy settings are read from the environment once, at start
+(:func:`export_session`), not on every post.
 
 It also guards the export: :class:`GuardedExporter` drops a span that
 cannot be encoded (a timestamp out of protobuf's range, say) alone, so one
@@ -28,8 +32,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import requests
+import requests.utils
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -37,6 +42,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler
 from opentelemetry.util.re import parse_env_headers
 
 from latency_common.logs import RateLimitFilter
+from latency_common.otlp_exporter import FastOTLPSpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +53,12 @@ DEFAULT_OTLP_ENDPOINT = "http://127.0.0.1:4318"
 
 #: Spans per export batch unless ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` says
 #: otherwise. The processor thread encodes a whole batch while holding the GIL,
-#: which stalls the gateway's event loop: 512-span batches pushed p99 from
-#: 5.6 ms to 29 ms here, 64-span batches to 13 ms (README, "Benchmarks"). Smaller batches
-#: cost a few more HTTP posts and keep the tail short.
+#: which stalls the gateway's event loop: with the official encoder 512-span
+#: batches pushed p99 from 5.6 ms to 29 ms here, 64-span batches to 13 ms
+#: (README, "Benchmarks"). ``otlp_encode`` takes ~8 µs a span, so a 64-span
+#: batch holds the GIL for about 0.5 ms; the gateway's process also shortens
+#: the interpreter's switch interval (``gateway/cli.py``) so that no single hold
+#: runs past that.
 DEFAULT_EXPORT_BATCH_SIZE = 64
 
 #: Loggers the OTLP exporter and the batch processor complain through.
@@ -58,6 +67,7 @@ _EXPORT_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.http",
     "opentelemetry.sdk.trace.export",
     "opentelemetry.sdk._shared_internal",
+    "latency_common.otlp_exporter",
 )
 
 #: One export failure message per logger per this many seconds: an endpoint
@@ -127,6 +137,61 @@ def describe_destination(environ: Mapping[str, str]) -> str:
     return f"{endpoint} (OTLP/HTTP protobuf)"
 
 
+#: ``OTEL_PYTHON_EXPORTER_OTLP_HTTP_*CREDENTIAL_PROVIDER``: a plugin that
+#: builds the exporter's session itself; the SDK loads it when we pass none.
+_CREDENTIAL_PROVIDER_VARS = (
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER",
+)
+
+
+def export_session(endpoint: str, environ: Mapping[str, str]) -> requests.Session | None:
+    """The exporter's HTTP session, with what ``requests`` would look up in
+    the environment on every post resolved once, now.
+
+    ``requests`` with ``trust_env`` (its default) reads the proxy variables
+    and ``~/.netrc`` for each request: tens of µs of the export thread's GIL
+    time per post. Here ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` and
+    ``NO_PROXY`` are applied to the endpoint once and ``trust_env`` is off
+    afterwards, so a proxy still works but a change to the variables (or to
+    ``~/.netrc``, no longer read) needs a restart. None (the SDK builds its
+    own) when a credential-provider plugin is configured.
+    """
+    if any(environ.get(name, "").strip() for name in _CREDENTIAL_PROVIDER_VARS):
+        return None
+    session = requests.Session()
+    # get_environ_proxies applies NO_PROXY to this endpoint; it reads
+    # os.environ, which is what requests itself would have read per post.
+    session.proxies.update(requests.utils.get_environ_proxies(endpoint))
+    session.trust_env = False
+    return session
+
+
+def _ca_bundle(environ: Mapping[str, str]) -> str | None:
+    """``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``, which ``requests`` honours only
+    with ``trust_env``: passed on as the exporter's certificate unless an
+    ``OTEL_EXPORTER_OTLP_*CERTIFICATE`` names one."""
+    if environ.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE") or environ.get(
+        "OTEL_EXPORTER_OTLP_CERTIFICATE"
+    ):
+        return None
+    return environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or None
+
+
+def build_exporter(environ: Mapping[str, str]) -> GuardedExporter:
+    """The span exporter :func:`build_telemetry` uses: the fast OTLP/HTTP
+    exporter, its session resolved once, behind :class:`GuardedExporter`."""
+    endpoint = otlp_traces_endpoint(environ)
+    return GuardedExporter(
+        FastOTLPSpanExporter(
+            endpoint=endpoint,
+            headers=otlp_headers(environ),
+            certificate_file=_ca_bundle(environ),
+            session=export_session(endpoint, environ),
+        )
+    )
+
+
 def build_resource(default_service_name: str) -> Resource:
     """Resource with ``service.name``: ``OTEL_SERVICE_NAME`` and
     ``OTEL_RESOURCE_ATTRIBUTES`` win over the per-service default."""
@@ -149,7 +214,7 @@ class GuardedExporter(SpanExporter):
 
     def __init__(self, delegate: SpanExporter) -> None:
         self.delegate = delegate
-        self.unencodable_spans = 0
+        self._unencodable_spans = 0
         self._lock = threading.Lock()
         self._next_warning = 0.0
 
@@ -164,7 +229,7 @@ class GuardedExporter(SpanExporter):
         if not bad:
             return result  # not an encoding problem: the endpoint failed
         with self._lock:
-            self.unencodable_spans += len(bad)
+            self._unencodable_spans += len(bad)
             total = self.unencodable_spans
             now = time.monotonic()
             warn = now >= self._next_warning
@@ -178,6 +243,13 @@ class GuardedExporter(SpanExporter):
                 total,
             )
         return self.delegate.export(good) if good else SpanExportResult.SUCCESS
+
+    @property
+    def unencodable_spans(self) -> int:
+        """Spans dropped because they cannot be encoded, here or by a
+        delegate that leaves them out itself (``FastOTLPSpanExporter``)."""
+        own: int = getattr(self.delegate, "unencodable_spans", 0)
+        return self._unencodable_spans + own
 
     def shutdown(self) -> None:
         self.delegate.shutdown()
@@ -243,9 +315,7 @@ def build_telemetry(
     env = os.environ
     sampler = default_sampler if "OTEL_TRACES_SAMPLER" not in env else None
     provider = TracerProvider(resource=build_resource(default_service_name), sampler=sampler)
-    exporter = GuardedExporter(
-        OTLPSpanExporter(endpoint=otlp_traces_endpoint(env), headers=otlp_headers(env))
-    )
+    exporter = build_exporter(env)
     batch_size = None if "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" in env else DEFAULT_EXPORT_BATCH_SIZE
     processor = BatchSpanProcessor(exporter, max_export_batch_size=batch_size)
     provider.add_span_processor(processor)
@@ -296,9 +366,11 @@ __all__ = [
     "DEFAULT_OTLP_ENDPOINT",
     "GuardedExporter",
     "Telemetry",
+    "build_exporter",
     "build_resource",
     "build_telemetry",
     "build_tracer_provider",
+    "export_session",
     "otlp_traces_endpoint",
     "shutdown_tracer_provider",
 ]

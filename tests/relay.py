@@ -6,16 +6,22 @@ the client ``down_ms`` later, in order.
 
 ``DelayRelay`` runs it in a process of its own (``python -m tests.relay``), so
 its timing depends neither on the test's event loop nor on the test
-process's GIL; ``_RelayServer`` is the relay itself.
+process's GIL; ``_RelayServer`` is the relay itself. It uses blocking
+sockets, threads and a spin for the last 0.3 ms of each delay, not an event
+loop, whose timers wake on whole milliseconds: its own round trip adds
+well under 0.3 ms to the injected delays (tests/test_latency.py measures it).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import queue
 import signal
+import socket
 import threading
+import time
+from collections.abc import Callable
 from types import TracebackType
 
 from tests.servers import Process
@@ -52,106 +58,139 @@ class DelayRelay:
         self._proc.__exit__(et, e, tb)
 
 
+#: The last stretch of each delay is spun rather than slept: a sleeping
+#: thread wakes 50–100 µs late on Linux, an event loop up to a millisecond
+#: late (its poll timeout is whole milliseconds).
+_SPIN_S = 0.0003
+
+
+def _wait_until(due: float) -> None:
+    """Return at ``due`` (``time.perf_counter()`` seconds), give or take µs."""
+    rest = due - time.perf_counter()
+    if rest > _SPIN_S:
+        time.sleep(rest - _SPIN_S)
+    while time.perf_counter() < due:
+        pass
+
+
 class _RelayServer:
+    """Blocking sockets and threads: per connection, per direction, one
+    thread reads and stamps each chunk, another delivers it when due."""
+
     def __init__(self, target_port: int, up_ms: float, down_ms: float) -> None:
         self.target_port = target_port
         self.up_s = up_ms / 1000
         self.down_s = down_ms / 1000
         self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = threading.Event()
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> DelayRelay:
-        ready = threading.Event()
-
-        async def start() -> None:
-            self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            ready.set()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(start())
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._close())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, name="delay-relay", daemon=True)
+    def __enter__(self) -> _RelayServer:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept_loop, name="relay-accept", daemon=True)
         self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("relay did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._loop is not None
-        assert self._thread is not None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-
-    async def _close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            self._tasks.discard(task)
-            return
-        try:
-            await asyncio.gather(
-                _pipe(reader, up_writer, self.up_s), _pipe(up_reader, writer, self.down_s)
-            )
-        except (asyncio.CancelledError, ConnectionError):
-            pass
-        finally:
-            writer.transport.abort()
-            up_writer.transport.abort()
-            self._tasks.discard(task)
-
-
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay_s: float) -> None:
-    """Copy src to dst, each chunk delivered ``delay_s`` after it arrived."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-    async def deliver() -> None:
-        while True:
-            due, data = await queue.get()
-            wait = due - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if not data:
+        self._closing.set()
+        assert self._listener is not None
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for sock in list(self._sockets):
                 with contextlib.suppress(OSError):
-                    dst.write_eof()
-                return
-            dst.write(data)
-            await dst.drain()
+                    sock.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
-    sender = asyncio.create_task(deliver())
-    try:
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._closing.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._sockets.update((client, upstream))
+            remaining = [2]
+            for src, dst, delay_s in (
+                (client, upstream, self.up_s),
+                (upstream, client, self.down_s),
+            ):
+                _Direction(
+                    src, dst, delay_s, lambda c=client, u=upstream, r=remaining: self._done(c, u, r)
+                )
+
+    def _done(self, client: socket.socket, upstream: socket.socket, remaining: list[int]) -> None:
+        with self._lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+            self._sockets.difference_update((client, upstream))
+        for sock in (client, upstream):
+            sock.close()
+
+
+class _Direction:
+    """One direction of one connection: src's bytes reach dst ``delay_s`` later, in order."""
+
+    def __init__(
+        self, src: socket.socket, dst: socket.socket, delay_s: float, done: Callable[[], None]
+    ) -> None:
+        self._src, self._dst, self._delay_s, self._done = src, dst, delay_s, done
+        self._queue: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+        threading.Thread(target=self._read, name="relay-read", daemon=True).start()
+        threading.Thread(target=self._deliver, name="relay-deliver", daemon=True).start()
+
+    def _read(self) -> None:
         while True:
-            data = await src.read(65536)
-            await queue.put((loop.time() + delay_s, data))
+            try:
+                data = self._src.recv(65536)
+            except OSError:
+                data = b""
+            self._queue.put((time.perf_counter() + self._delay_s, data))
             if not data:
-                break
-        await sender
-    finally:
-        sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
+                return
+
+    def _deliver(self) -> None:
+        try:
+            while True:
+                due, data = self._queue.get()
+                _wait_until(due)
+                if not data:
+                    with contextlib.suppress(OSError):
+                        self._dst.shutdown(socket.SHUT_WR)
+                    return
+                try:
+                    self._dst.sendall(data)
+                except OSError:
+                    # The other side is gone: stop reading this one too.
+                    with contextlib.suppress(OSError):
+                        self._src.shutdown(socket.SHUT_RDWR)
+                    return
+        finally:
+            self._done()
 
 
 def main() -> None:

@@ -203,3 +203,25 @@ def test_clock_previous_keys_are_parsed_checked_and_never_shown() -> None:
     result = _cli("--port", "0", env={"GATEWAY_CLOCK_PREVIOUS_KEYS": "shortsecret"})
     assert result.returncode == 2
     assert "shortsecret" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("raw", "spans"),
+    [
+        ("server", ("server",)),
+        ("server,client", ("server", "client")),
+        (" SERVER , Client ", ("server", "client")),
+        ("client,server", ("client", "server")),
+    ],
+)
+def test_gateway_spans_chooses_one_or_two_spans(raw: str, spans: tuple[str, ...]) -> None:
+    config = GatewayConfig.from_env({}, {"GATEWAY_SPANS": raw})
+    assert config.spans == spans
+    assert config.client_span == ("client" in spans)
+    assert GatewayConfig.from_env({}, {}).spans == ("server",)
+
+
+@pytest.mark.parametrize("raw", ["client", "server,internal", "server,,span"])
+def test_gateway_spans_refuses_other_values(raw: str) -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_SPANS must be 'server' or 'server,client'"):
+        GatewayConfig.from_env({}, {"GATEWAY_SPANS": raw})

@@ -296,8 +296,9 @@ async def _gateway_spans(
 ) -> list[ReadableSpan]:
     """SERVER and CLIENT spans of the real gateway: a timed snippet request
     (every latency.* attribute), a plain one, a 404, a dead upstream; plus a
-    browser span from a beacon, with its own resource and scope."""
-    base = await gateway()
+    browser span from a beacon, with its own resource and scope. Two spans
+    per request (``GATEWAY_SPANS=server,client``), so both kinds are covered."""
+    base = await gateway(spans=("server", "client"))
     snippet = ScriptedSnippet(http, base, skew_ms=-3_000.0)
     await snippet.sync(3)
     await snippet.get("/api/echo")
@@ -305,7 +306,7 @@ async def _gateway_spans(
     headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
     async with http.get(base + "/missing", headers=headers) as resp:
         assert resp.status == 404
-    dead = await gateway(upstream="http://127.0.0.1:9")
+    dead = await gateway(upstream="http://127.0.0.1:9", spans=("server", "client"))
     async with http.post(dead + "/api/x", data=b"body") as resp:
         assert resp.status == 502
     span, reason = build_beacon_span(beacon_entry(), BEACON_T + 5_000)

@@ -67,20 +67,19 @@ async def test_home_feed_is_traced_end_to_end(
         timing = resp.headers["Server-Timing"]
     assert isinstance(feed, list)
     assert feed
-    assert [s.kind.name for s in gateway_spans.spans()] == ["CLIENT", "SERVER"]
-    client_span, server_span = gateway_spans.spans()
+    # One span per request by default: the upstream call is recorded on it.
+    assert [s.kind.name for s in gateway_spans.spans()] == ["SERVER"]
+    (server_span,) = gateway_spans.spans()
     backend_spans = {s.name: s for s in backend.traced.spans()}
     flask_span = backend_spans["GET /api/activities/home"]
     mock = backend_spans["mock-data"]
-    # One trace: browser's → gateway SERVER → gateway CLIENT → backend → mock-data.
-    for span in (server_span, client_span, flask_span, mock):
+    # One trace: browser's → gateway SERVER → backend → mock-data.
+    for span in (server_span, flask_span, mock):
         assert f"{span.context.trace_id:032x}" == TRACE_ID
     assert server_span.parent is not None
     assert f"{server_span.parent.span_id:016x}" == PARENT_ID
-    assert client_span.parent is not None
-    assert client_span.parent.span_id == server_span.context.span_id
     assert flask_span.parent is not None
-    assert flask_span.parent.span_id == client_span.context.span_id
+    assert flask_span.parent.span_id == server_span.context.span_id
     assert mock.parent is not None
     assert mock.parent.span_id == flask_span.context.span_id
     # HTTP semantic conventions on the SERVER span.
@@ -92,7 +91,13 @@ async def test_home_feed_is_traced_end_to_end(
     assert attrs["client.address"] == "127.0.0.1"
     assert attrs["server.address"] == "127.0.0.1"
     assert "user_agent.original" in attrs
-    assert (client_span.attributes or {})["url.full"] == backend.url + "/api/activities/home"
+    # HTTP semconv: server.address on a SERVER span is the host the client
+    # addressed; the upstream has attributes of its own.
+    backend_port = int(backend.url.rsplit(":", 1)[1])
+    assert attrs["gateway.upstream.address"] == "127.0.0.1"
+    assert attrs["gateway.upstream.port"] == backend_port
+    assert "url.full" not in attrs
+    assert 0 < attrs["latency.upstream_ms"] <= attrs["latency.gateway_ms"]
     # Server-Timing names the gateway's own span (ARCHITECTURE.md §3).
     assert f'traceparent;desc="00-{TRACE_ID}-{server_span.context.span_id:016x}-01"' in timing
     gw = float(timing.split("gw;dur=")[1].split(",")[0])
@@ -229,8 +234,8 @@ async def test_propagation_headers_replaced_by_exactly_one_context(
         },
     )
     seen = _headers(echo)
-    client_span = next(s for s in gateway_spans.spans() if s.kind.name == "CLIENT")
-    assert seen["traceparent"] == [f"00-{TRACE_ID}-{client_span.context.span_id:016x}-01"]
+    server_span = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
+    assert seen["traceparent"] == [f"00-{TRACE_ID}-{server_span.context.span_id:016x}-01"]
     assert seen["tracestate"] == ["vendor=value"]
     for name in ("b3", "x-b3-traceid", "x-b3-spanid", "x-client-timestamp", "x-client-clock"):
         assert name not in seen
@@ -469,6 +474,50 @@ async def test_reserved_prefix_is_never_forwarded(
 # -- upstream failures -----------------------------------------------------------
 
 
+async def test_spans_server_client_puts_the_upstream_call_in_a_client_span(
+    gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    gateway_spans: Traced,
+    backend: BackendThread,
+) -> None:
+    # GATEWAY_SPANS=server,client: gateway SERVER → gateway CLIENT → backend.
+    base = await gateway(spans=("server", "client"))
+    async with http.get(
+        base + "/api/activities/home",
+        headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+    ) as resp:
+        assert resp.status == 200
+        await resp.read()
+    assert [s.kind.name for s in gateway_spans.spans()] == ["CLIENT", "SERVER"]
+    client_span, server_span = gateway_spans.spans()
+    flask_span = {s.name: s for s in backend.traced.spans()}["GET /api/activities/home"]
+    assert client_span.parent is not None
+    assert client_span.parent.span_id == server_span.context.span_id
+    assert flask_span.parent is not None
+    assert flask_span.parent.span_id == client_span.context.span_id
+    client_attrs = client_span.attributes or {}
+    assert client_attrs["url.full"] == backend.url + "/api/activities/home"
+    assert client_attrs["server.port"] == int(backend.url.rsplit(":", 1)[1])
+    assert client_attrs["http.response.status_code"] == 200
+    # The SERVER span keeps the host the client addressed.
+    assert (server_span.attributes or {})["server.address"] == "127.0.0.1"
+
+
+async def test_upstream_down_with_a_client_span_marks_both_spans(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, gateway_spans: Traced
+) -> None:
+    from tests.servers import free_port
+
+    base = await gateway(upstream=f"http://127.0.0.1:{free_port()}", spans=("server", "client"))
+    async with http.get(base + "/api/activities/home") as resp:
+        assert resp.status == 502
+    server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
+    client = next(s for s in gateway_spans.spans() if s.kind.name == "CLIENT")
+    assert server.status.status_code.name == "ERROR"
+    assert client.status.status_code.name == "ERROR"
+    assert (client.attributes or {})["error.type"] == "ClientConnectorError"
+
+
 async def test_upstream_down_is_502_fast_with_error_span(
     gateway: GatewayFactory, http: aiohttp.ClientSession, gateway_spans: Traced
 ) -> None:
@@ -483,10 +532,8 @@ async def test_upstream_down_is_502_fast_with_error_span(
     assert time.monotonic() - started < 10
     assert body["error"] == "upstream unreachable"
     server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
-    client = next(s for s in gateway_spans.spans() if s.kind.name == "CLIENT")
     assert body["trace_id"] == f"{server.context.trace_id:032x}"
     assert server.status.status_code.name == "ERROR"
-    assert client.status.status_code.name == "ERROR"
     assert (server.attributes or {})["error.type"] == "ClientConnectorError"
     assert (server.attributes or {})["http.response.status_code"] == 502
 
@@ -653,7 +700,7 @@ async def test_other_preflights_reach_the_backend_and_get_our_names_added(
         assert allowed == [*granted, *OURS]  # merged, each name once
         assert "x-page" not in allowed
     assert [s.name for s in backend.traced.spans()] == ["OPTIONS /api/activities/home"]
-    assert [s.name for s in gateway_spans.spans()] == ["OPTIONS", "OPTIONS"]
+    assert [s.name for s in gateway_spans.spans()] == ["OPTIONS"]  # forwarded, traced
 
 
 async def test_preflight_for_a_method_the_backend_refuses_passes_untouched(
@@ -864,7 +911,7 @@ async def test_own_endpoints_are_granted_without_credentials(
 async def test_unknown_method_is_other_in_the_span(
     gateway: GatewayFactory, gateway_spans: Traced
 ) -> None:
-    base = await gateway()
+    base = await gateway(spans=("server", "client"))
     data = await _raw(base, b"PROPFIND /api/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert parse_head(data)[0] == 200
     server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")

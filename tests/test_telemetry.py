@@ -16,6 +16,7 @@ from opentelemetry.trace import SpanContext
 
 from latency_common import telemetry
 from latency_common.logs import RateLimitFilter
+from latency_common.otlp_exporter import FastOTLPSpanExporter
 from tests.otlp_receiver import OtlpReceiver
 
 
@@ -174,3 +175,76 @@ def test_telemetry_handle_reports_the_batch_queue() -> None:
         assert status["unencodable_spans"] == 0
     finally:
         telemetry.shutdown_tracer_provider(built.provider, timeout_s=1)
+
+
+# -- the exporter build_telemetry wires -----------------------------------------------
+
+
+def test_build_telemetry_exports_with_the_fast_encoder_behind_the_guard() -> None:
+    built = telemetry.build_telemetry("gateway", default_sampler=ALWAYS_ON)
+    try:
+        assert built.exporter is not None
+        assert isinstance(built.exporter.delegate, FastOTLPSpanExporter)
+    finally:
+        built.provider.shutdown()
+
+
+def test_the_fast_exporter_drops_an_unencodable_span_alone_and_counts_it() -> None:
+    now_ns = time.time_ns()
+    good = [_span(f"GET {i}", i + 1, now_ns) for i in range(3)]
+    poisoned = _span("GET poisoned", 99, int(1e20 * 1e6))
+    with OtlpReceiver() as receiver:
+        exporter = telemetry.build_exporter(
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint + "/v1/traces"}
+        )
+        assert exporter.export([good[0], poisoned, *good[1:]]) is SpanExportResult.SUCCESS
+        spans = receiver.wait_for(lambda spans: len(spans) >= 3, timeout_s=10)
+        exporter.shutdown()
+    assert sorted(s.name for s in spans) == sorted(s.name for s in good)
+    # /__gateway/health's unencodable_spans counts what the encoder left out.
+    assert exporter.unencodable_spans == 1
+
+
+def test_the_export_session_resolves_proxies_once_and_honours_https_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTPS_PROXY/HTTP_PROXY and NO_PROXY are applied when the exporter is
+    built; requests reads no environment per post afterwards."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        for spelled in (name, name.lower()):
+            monkeypatch.delenv(spelled, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    session = telemetry.export_session("https://api.honeycomb.io/v1/traces", {})
+    assert session is not None
+    assert session.trust_env is False
+    assert session.proxies.get("https") == "http://127.0.0.1:3128"
+    monkeypatch.setenv("NO_PROXY", "api.honeycomb.io")
+    bypassed = telemetry.export_session("https://api.honeycomb.io/v1/traces", {})
+    assert bypassed is not None
+    assert bypassed.proxies == {}
+    # A credential-provider plugin builds its own session (the SDK loads it).
+    plugin = {"OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER": "x"}
+    assert telemetry.export_session("https://api.honeycomb.io/v1/traces", plugin) is None
+
+
+def test_spans_reach_the_collector_through_the_http_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real loopback proxy: the endpoint's host does not resolve, so spans
+    arrive only if the exporter posts through HTTP_PROXY. The receiver plays
+    the forward proxy (it gets the absolute-form request line)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        for spelled in (name, name.lower()):
+            monkeypatch.delenv(spelled, raising=False)
+    with OtlpReceiver() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.endpoint)
+        endpoint = "http://collector.invalid:4318/v1/traces"
+        exporter = telemetry.build_exporter({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
+        # Resolved once: unsetting the variable now changes nothing.
+        monkeypatch.delenv("HTTP_PROXY")
+        result = exporter.export([_span("GET proxied", 1, time.time_ns())])
+        assert result is SpanExportResult.SUCCESS
+        spans = proxy.wait_for(lambda spans: len(spans) >= 1, timeout_s=10)
+        exporter.shutdown()
+    assert [s.name for s in spans] == ["GET proxied"]
+    assert proxy.headers[0]["Host"] == "collector.invalid:4318"

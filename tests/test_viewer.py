@@ -56,7 +56,7 @@ from viewer import hosts, otlp
 from viewer.app import create_app
 from viewer.cli import ServeConfig, UsageError, report_config, serve_config
 from viewer.report import percentile, route_stats
-from viewer.spans import SpanRecord, waterfall
+from viewer.spans import SpanRecord, upstream_wait, waterfall
 from viewer.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,6 +274,8 @@ def export_three_services(endpoint: str) -> dict[str, str]:
                 "latency.uplink_ms": 25.3,
                 "latency.rtt_ms": 51.2,
                 "latency.gateway_ms": 3.1,
+                # One gateway span per request: the upstream wait is on it.
+                "latency.upstream_ms": 2.5,
             },
         )
     )
@@ -333,6 +335,9 @@ async def test_real_exporter_spans_show_with_parentage_and_numbers(
     ]
     assert doc["gateway"]["span_id"] == ids["gateway"]
     assert doc["gateway"]["latency"]["latency.rtt_ms"] == 51.2
+    # The upstream wait inside the gateway's bar: sent 3.1 − 2.5 ms after
+    # receipt, 2.5 ms of its 30 ms.
+    assert [s["upstream_wait_pct"] for s in spans] == [None, [2.0, 8.333], None]
 
     page = await get_text(client, f"{viewer.url}/traces/{ids['trace']}")
     rows = re.findall(
@@ -343,6 +348,10 @@ async def test_real_exporter_spans_show_with_parentage_and_numbers(
         ("svc-gateway", ids["gateway"], "1"),
         ("svc-backend", ids["backend"], "2"),
     ]
+    assert (
+        'class="wait" title="waiting for the upstream" style="margin-left:2.000%;width:8.333%"'
+        in page
+    )
     assert 'style="margin-left:41.667%;width:50.000%"' in page
     assert re.search(r'data-key="latency.uplink_ms">.*?<td class="num">25.3</td>', page)
     assert '<span class="verdict verdict-ok">ok</span>' in page
@@ -726,6 +735,58 @@ def test_waterfall_tree_siblings_orphans_and_cycles() -> None:
     ]
     (instant,) = waterfall("t", [span(0, None, 7, 7)]).rows
     assert (instant.offset_pct, instant.width_pct) == (0.0, 100.0)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "wait"),
+    [
+        ({"latency.gateway_ms": 10.0, "latency.upstream_ms": 6.0}, (20.0, 30.0)),
+        ({"latency.gateway_ms": 20.0, "latency.upstream_ms": 20.0}, (0.0, 100.0)),
+        # Figures larger than the span (clock maths from a hostile client): clamped.
+        ({"latency.gateway_ms": 90.0, "latency.upstream_ms": 10.0}, (100.0, 0.0)),
+        ({"latency.gateway_ms": 10.0}, None),
+        ({"latency.gateway_ms": 5.0, "latency.upstream_ms": 6.0}, None),
+        ({"latency.gateway_ms": "10", "latency.upstream_ms": 6.0}, None),
+        ({"latency.gateway_ms": float("nan"), "latency.upstream_ms": 6.0}, None),
+        ({"latency.gateway_ms": 10.0, "latency.upstream_ms": -1.0}, None),
+    ],
+)
+def test_upstream_wait_sits_inside_the_gateway_span(
+    attributes: dict[str, Any], wait: tuple[float, float] | None
+) -> None:
+    span = record(0, 0, service="gateway", kind=2, start_ns=0, duration_ns=20 * MS,
+                  attributes=attributes)  # fmt: skip
+    assert upstream_wait(span) == wait
+
+
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gateway_ms=_ANY_VALUE,
+    upstream_ms=_ANY_VALUE,
+    duration_ns=st.integers(min_value=-(10**12), max_value=10**12),
+)
+def test_upstream_wait_never_raises_and_stays_inside_the_bar(
+    gateway_ms: Any, upstream_ms: Any, duration_ns: int
+) -> None:
+    """The figures come from any OTLP client: whatever they are, the wait is
+    None or a segment within the span's own bar."""
+    span = record(0, 0, service="gateway", kind=2, start_ns=10**18, duration_ns=duration_ns,
+                  attributes={"latency.gateway_ms": gateway_ms,
+                              "latency.upstream_ms": upstream_ms})  # fmt: skip
+    wait = upstream_wait(span)
+    if wait is not None:
+        offset, width = wait
+        assert 0.0 <= offset <= 100.0
+        assert 0.0 <= width <= 100.0 - offset + 1e-9
 
 
 def test_percentile_is_nearest_rank() -> None:

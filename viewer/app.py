@@ -171,6 +171,8 @@ class Viewer:
                     "depth": row.depth,
                     "offset_pct": row.offset_pct,
                     "width_pct": row.width_pct,
+                    # [offset, width] in % of the span's bar, or null.
+                    "upstream_wait_pct": list(row.wait) if row.wait else None,
                 }
                 for row in shape.rows
             ],

@@ -55,6 +55,7 @@ table.traces td.wrap{white-space:normal}
 .bar{height:100%;min-width:1px;border-radius:2px;background:#8c8c8c}
 .svc-browser .bar{background:#4e79a7} .svc-gateway .bar{background:#f28e2b}
 .svc-backend .bar{background:#59a14f} .bar.error{outline:2px solid #d62728}
+.bar .wait{height:100%;background:repeating-linear-gradient(45deg,#b35806 0 3px,#f28e2b 3px 6px)}
 .svc{display:inline-block;min-width:4.2rem;font-weight:600}
 .dur{color:#555}
 details{margin:.2rem 0} summary{cursor:pointer}
@@ -157,6 +158,14 @@ def trace_page(shape: Waterfall) -> str:
         span = row.span
         kind = KIND_NAMES.get(span.kind, str(span.kind))
         error = " error" if span.status_code == 2 else ""
+        wait = ""
+        if row.wait is not None:
+            # The upstream wait inside the gateway span (latency.upstream_ms),
+            # whether or not a CLIENT span was exported for it.
+            wait = (
+                f'<div class="wait" title="waiting for the upstream" '
+                f'style="margin-left:{row.wait[0]:.3f}%;width:{row.wait[1]:.3f}%"></div>'
+            )
         label = (
             f'<span class="svc">{escape(span.service)}</span> {escape(span.name)} '
             f'<span class="dur">{escape(duration(span.duration_ns))}</span>'
@@ -167,7 +176,7 @@ def trace_page(shape: Waterfall) -> str:
             f'<span class="span-label" style="padding-left:{row.depth * 1.1:.1f}rem" '
             f'title="{escape(span.service)} {escape(kind)} {escape(span.name)}">{label}</span>'
             f'<span class="track"><div class="bar{error}" '
-            f'style="margin-left:{row.offset_pct:.3f}%;width:{row.width_pct:.3f}%"></div>'
+            f'style="margin-left:{row.offset_pct:.3f}%;width:{row.width_pct:.3f}%">{wait}</div>'
             "</span></div>"
         )
     gateway = gateway_span(spans)

@@ -150,6 +150,29 @@ class WaterfallRow:
     depth: int
     offset_pct: float
     width_pct: float
+    #: On the gateway's SERVER span: (offset, width) of the upstream wait as
+    #: % of the span's own bar (see :func:`upstream_wait`).
+    wait: tuple[float, float] | None = None
+
+
+def upstream_wait(span: SpanRecord) -> tuple[float, float] | None:
+    """Where the gateway waited for the upstream inside its own span, as
+    (offset, width) in % of the span: it sent the request ``gateway_ms −
+    upstream_ms`` after receipt and had the response headers at
+    ``gateway_ms`` (README, "A traced request"). The same with one span per
+    request or with a CLIENT span. None without both figures, or when they
+    make no sense (attributes come from any OTLP client)."""
+    gateway_ms = number(span.attributes.get(attr.GATEWAY_MS))
+    upstream_ms = number(span.attributes.get(attr.UPSTREAM_MS))
+    span_ms = span.duration_ns / 1e6
+    if gateway_ms is None or upstream_ms is None or span_ms <= 0:
+        return None
+    if not 0 <= upstream_ms <= gateway_ms:
+        return None
+    offset = round(min((gateway_ms - upstream_ms) / span_ms * 100, 100.0), 3)
+    # Rounded after the clamp to what is left, so the segment never pokes out.
+    width = max(min(round(upstream_ms / span_ms * 100, 3), 100.0 - offset), 0.0)
+    return offset, width
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +236,9 @@ def waterfall(trace_id: str, spans: Sequence[SpanRecord]) -> Waterfall:
         else:
             offset = (span.start_ns - start_ns) / total_ns * 100
             width = min(span.duration_ns / total_ns * 100, 100.0 - offset)
-        rows.append(WaterfallRow(span, depth, round(offset, 3), round(width, 3)))
+        rows.append(
+            WaterfallRow(span, depth, round(offset, 3), round(width, 3), upstream_wait(span))
+        )
     return Waterfall(trace_id, start_ns, end_ns, tuple(rows))
 
 
