@@ -56,6 +56,13 @@ test: lint js unit  ## lint + the snippet's tests + the whole Python suite (what
 bench: $(VENV)/.dev system frontend-snippet/node_modules/.installed  ## benchmarks (~12 min): writes benchmarks/RESULTS.md
 	$(PY) benchmarks/run.py
 
+# Not part of `make test`: mutmut over the pure and thin gateway modules, Stryker
+# over the snippet; MUTATION_ARGS=--keep reuses mutmut's cache in ./mutants.
+MUTATION_ARGS ?=
+.PHONY: mutate
+mutate: $(VENV)/.dev frontend-snippet/node_modules/.installed  ## mutation testing (~30 min): writes benchmarks/MUTATION.md
+	$(PY) benchmarks/mutation.py $(MUTATION_ARGS)
+
 format: $(VENV)/.dev  ## apply ruff's fixes and formatting
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
