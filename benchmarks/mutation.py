@@ -41,6 +41,8 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 SNIPPET_DIR: Final = ROOT / "frontend-snippet"
 OUT: Final = ROOT / "benchmarks" / "MUTATION.md"
 STRYKER_REPORT: Final = SNIPPET_DIR / "reports" / "mutation" / "mutation.json"
+#: How long the last run took, for --report-only (inside the ignored ./mutants).
+DURATIONS: Final = ROOT / "mutants" / "durations.json"
 #: Whole-run bounds; each mutant has its own timeout inside the tools
 #: (mutmut: timeout_multiplier/constant in pyproject.toml; Stryker: timeoutMS).
 MUTMUT_RUN_TIMEOUT_S: Final = 3 * 3600
@@ -80,6 +82,60 @@ EQUIVALENT: Final[dict[str, str]] = {
     ),
     "gateway.tracestate.x_parse__mutmut_32": (
         "an empty Level2TraceState and EMPTY behave alike everywhere"
+    ),
+    "gateway.context.x__parse__mutmut_3": (
+        "getall's default only feeds `if traceparents`: None and () are both empty"
+    ),
+    "gateway.context.x__parse__mutmut_25": (
+        "getall's default only feeds `if fields`: None and () are both empty"
+    ),
+    "gateway.context.x__parse__mutmut_50": (
+        "no valid b3 single header reaches 128 characters (it has at most 68)"
+    ),
+    "gateway.context.x__parse__mutmut_56": (
+        "for one b3 line OTel's default getter reads the same value as ours"
+    ),
+    "gateway.context.x__parse__mutmut_76": (
+        "OTel's B3 propagator reads the first x-b3-* value, which both getters give"
+    ),
+    "gateway.context.x__parse__mutmut_82": (
+        'the "none" source is only compared with "invalid": any other string is alike'
+    ),
+    "gateway.context.x__parse__mutmut_83": (
+        'the "none" source is only compared with "invalid": any other string is alike'
+    ),
+    "gateway.context.x_inject__mutmut_9": (
+        "OTel's default setter does what _HeadersSetter does: carrier[key] = value"
+    ),
+    "gateway.cors.x_parse_entry__mutmut_14": (
+        'yarl gives "/" as the path of an origin without one, never ""'
+    ),
+    "gateway.cors.x_parse_entry__mutmut_32": (
+        "an entry without a host was refused just above, so raw_host is never empty"
+    ),
+    "gateway.proxy.x__is_utf8__mutmut_3": "codec names are case-insensitive",
+    "gateway.proxy.x_response_headers__mutmut_13": "codec names are case-insensitive",
+    "gateway.timing.x_parse_dictionary__mutmut_18": (
+        "a member without `=` has an empty value, which `not value` refuses anyway"
+    ),
+    "gateway.timing.xǁRateLimiterǁallow__mutmut_22": "`last=None` is as falsy as `last=False`",
+    "gateway.proxy.x_connection_tokens__mutmut_3": (
+        "getall's default only feeds `if not values`: None and () are both empty"
+    ),
+    "gateway.proxy.x_stream_request_body__mutmut_9": (
+        "BodyTooLarge's argument is never read: the answer is a fixed 413"
+    ),
+    "gateway.measure.xǁMeasurementǁ__init____mutmut_9": (
+        "random.Random(None) seeds from the OS too: nonces only have to differ"
+    ),
+    "gateway.measure.xǁMeasurementǁ__init____mutmut_11": (
+        "33 bytes of OS seed instead of 32: nonces only have to differ"
+    ),
+    "gateway.measure.xǁMeasurementǁevaluate__mutmut_3": (
+        "getall's default only feeds `if not stamp`: None and [] are both empty"
+    ),
+    "gateway.measure.xǁMeasurementǁclock_header__mutmut_26": (
+        '`to_bytes` defaults to "big" since Python 3.11'
     ),
 }
 
@@ -123,40 +179,60 @@ class Score:
         return 100.0 * (self.killed + self.timeout) / counted if counted else 100.0
 
 
-def run_mutmut(max_children: int, keep: bool) -> float:
-    if not keep:
-        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
-    started = time.monotonic()
+def _mutmut_run(max_children: int, names: list[str]) -> None:
     # mutmut prints a progress spinner; its exit code says nothing about survivors.
     subprocess.run(
-        [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+        [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
         cwd=ROOT,
         check=True,
         timeout=MUTMUT_RUN_TIMEOUT_S,
         stdout=subprocess.DEVNULL,
     )
+
+
+def _not_killed() -> list[str]:
+    names = []
+    for meta in (ROOT / "mutants" / "gateway").glob("*.py.meta"):
+        codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
+        names += [n for n, c in codes.items() if c not in KILLED_CODES | TIMEOUT_CODES]
+    return sorted(names)
+
+
+def run_mutmut(max_children: int, keep: bool) -> float:
+    if not keep:
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+    started = time.monotonic()
+    _mutmut_run(max_children, [])
+    if keep and (survivors := _not_killed()):
+        # mutmut's cache keeps a survivor's verdict until its function changes;
+        # a new test may kill it, so every survivor is checked again.
+        _mutmut_run(max_children, survivors)
     return time.monotonic() - started
 
 
-def mutmut_diff(name: str) -> tuple[list[str], list[str]]:
-    """The lines a mutant removes and adds, as ``mutmut show`` prints them."""
-    shown = subprocess.run(
-        [sys.executable, "-m", "mutmut", "show", name],
-        cwd=ROOT,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    lines = [ln for ln in shown.splitlines() if not ln.startswith(("+++", "---"))]
+def mutmut_diff(name: str, path: str) -> tuple[list[str], list[str]]:
+    """The lines a mutant removes and adds (what ``mutmut show`` prints)."""
+    # In-process: ``mutmut show`` costs a second per mutant in start-up alone.
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    lines = [
+        ln
+        for ln in get_diff_for_mutant(name, path=path).splitlines()
+        if not ln.startswith(("+++", "---"))
+    ]
     return (
         [ln[1:].strip() for ln in lines if ln.startswith("-")],
         [ln[1:].strip() for ln in lines if ln.startswith("+")],
     )
 
 
+#: Where the case of a literal matters even when it looks like a header name:
+#: compared with a lowercased string, or a codec name.
+_CASE_MATTERS: Final = ("startswith", "endswith", "lower()", "upper()", "decode(", "encode(")
 #: Header names without a hyphen that the modules spell in literals.
-_ONE_WORD_HEADERS: Final = frozenset({"vary", "origin", "host", "connection", "via", "upgrade"})
+_ONE_WORD_HEADERS: Final = frozenset(
+    {"vary", "origin", "host", "connection", "via", "upgrade", "traceparent", "tracestate", "b3"}
+)
 
 
 def header_case_only(removed: list[str], added: list[str]) -> bool:
@@ -171,9 +247,11 @@ def header_case_only(removed: list[str], added: list[str]) -> bool:
     if len(before) != len(after) or len(changed) != 1:
         return False
     name = changed[0]
-    return HEADER_NAME.fullmatch(name) is not None and (
-        "-" in name or name.lower() in _ONE_WORD_HEADERS
-    )
+    if HEADER_NAME.fullmatch(name) is None or any(w in removed[0] for w in _CASE_MATTERS):
+        return False
+    # A one-word literal counts only where the line handles headers: elsewhere
+    # "traceparent" may be a value (a span attribute) whose case matters.
+    return "-" in name or (name.lower() in _ONE_WORD_HEADERS and "headers" in removed[0])
 
 
 def shown(removed: list[str], added: list[str]) -> str:
@@ -193,7 +271,7 @@ def python_scores() -> list[Score]:
             if code in TIMEOUT_CODES:
                 score.timeout += 1
                 continue
-            removed, added = mutmut_diff(name)
+            removed, added = mutmut_diff(name, module)
             diff = f"`{name}`: `{shown(removed, added)}`"
             if name in EQUIVALENT:
                 score.equivalent += 1
@@ -326,11 +404,17 @@ def write_report(scores: list[Score], durations: dict[str, float]) -> str:
 
 
 def main() -> int:
+    os.chdir(ROOT)  # mutmut reads pyproject.toml and ./mutants from the working directory
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--keep", action="store_true", help="reuse mutmut's cached results in ./mutants"
     )
     parser.add_argument("--only", choices=("python", "snippet"), help="run one half only")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite MUTATION.md from ./mutants and the last Stryker report, running nothing",
+    )
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument(
         "--stryker",
@@ -342,11 +426,18 @@ def main() -> int:
     scores: list[Score] = []
     durations: dict[str, float] = {}
     if args.only != "snippet":
-        durations["mutmut"] = run_mutmut(args.max_children, args.keep)
+        if not args.report_only:
+            durations["mutmut"] = run_mutmut(args.max_children, args.keep)
         scores += python_scores()
     if args.only != "python":
-        durations["Stryker"] = run_stryker(args.stryker)
+        if not args.report_only:
+            durations["Stryker"] = run_stryker(args.stryker)
         scores.append(snippet_score())
+    if args.report_only:
+        durations = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    else:
+        DURATIONS.parent.mkdir(exist_ok=True)
+        DURATIONS.write_text(json.dumps(durations))
     text = write_report(scores, durations)
     if args.only is None:
         OUT.write_text(text)
