@@ -105,3 +105,20 @@ def test_a_form_encoded_space_in_a_configured_key_is_decoded() -> None:
     for raw in ("session+id=s1", "Session%20Id=s1", "session+Id=s1"):
         assert redactor.query(raw) == raw.split("=")[0] + f"={REDACTED}", raw
     assert redactor.query("sessionid=s1&session_id=s2") == "sessionid=s1&session_id=s2"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        # WHATWG URL: the userinfo ends at the last "@" of the authority.
+        ("http://a@b:c@h/p", f"http://{REDACTED}:{REDACTED}@h/p"),
+        # An "@" outside the authority is no userinfo: the URL stays as it was.
+        ("http://h/p@x/y", "http://h/p@x/y"),
+        ("http://h/a://b@c", "http://h/a://b@c"),
+        ("a@b://h/p", "a@b://h/p"),
+        # No scheme before "://": the authority still starts after it.
+        ("://u:p@h/x", f"://{REDACTED}:{REDACTED}@h/x"),
+    ],
+)
+def test_only_the_authoritys_userinfo_is_redacted(url: str, expected: str) -> None:
+    assert REDACTOR.url(url) == expected

@@ -785,3 +785,46 @@ test("beacon: off when asked, and never for a page-made traceparent", async () =
   q.api.flush();
   assert.equal(q.beacons.length, 0);
 });
+
+// -- cases `make mutate` found unguarded ----------------------------------------------------
+
+test("best: the least delayed sample wherever it sits in the list", () => {
+  assert.deepEqual(S.best([{ off: 1, d: 1, at: 1 }, { off: 5, d: 5, at: 2 }, { off: 3, d: 3, at: 3 }]), { off: 1, d: 1, at: 1 });
+});
+
+test("Server-Timing: no header is no metrics; a param without a value is empty", () => {
+  assert.deepEqual(S.parseServerTiming(null), {});
+  assert.deepEqual(S.parseServerTiming(undefined), {});
+  assert.deepEqual(S.parseServerTiming("uplink;desc"), { uplink: { dur: null, desc: "" } });
+});
+
+test("take: a burst answer (no timestamp sent) is never stale; no token keeps the last one", () => {
+  const o = { s: [] };
+  const tok = "5012.5010.9999.9.2.bm9uY2U.bWFj"; // its TS is far from anything we sent
+  assert.equal(S.take(o, { t1: 5010, t2: 5012, tok }, 5000, 5022, 0), true);
+  assert.equal(o.k, tok);
+  assert.equal(S.take(o, { t1: 5030, t2: 5032, tok: null }, 5020, 5042, 0), true);
+  assert.equal(o.k, tok, "an answer without a token keeps the previous one");
+  assert.equal(o.s.length, 2);
+});
+
+test("XMLHttpRequest: only a header named exactly traceparent is the page's own", async () => {
+  const p = page();
+  await synced(p);
+  const x = new p.ctx.XMLHttpRequest();
+  x.open("GET", "/api/x");
+  x.setRequestHeader("X-Traceparent", "a");
+  x.setRequestHeader("Traceparent-Old", "b");
+  x.send();
+  assert.match(Object.fromEntries(x.sent).traceparent, TRACEPARENT);
+});
+
+test("LatencyGateway.requests keeps the last 50", async () => {
+  const p = page();
+  await synced(p);
+  for (let i = 0; i < 51; i++) await (await p.ctx.fetch(`/api/x?n=${i}`)).arrayBuffer();
+  await until(() => p.api.requests.length >= 50 && p.events.length == 51, "51 answers");
+  assert.equal(p.api.requests.length, 50);
+  assert.equal(p.api.requests[0].url, PAGE + "/api/x?n=1");
+  assert.equal(p.api.requests[49].url, PAGE + "/api/x?n=50");
+});
