@@ -183,7 +183,29 @@ HEADER_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*")
 CASE_ONLY_REASON: Final = HEADER_CASE
 
 #: Snippet mutants no test can kill: (source line, stripped; mutator; replacement) → reason.
-EQUIVALENT_JS: Final[dict[tuple[str, str, str], str]] = {}
+EQUIVALENT_JS: Final[dict[tuple[str, str, str], str]] = {
+    (
+        '? { t1: +o.t1, t2: +o.t2, tok: /^[\\w.-]{1,256}$/.test(o.tok || "") '
+        "? o.tok : null, b: o.bind }",
+        "StringLiteral",
+        '"Stryker was here!"',
+    ): 'the token check fails for "" and for any text with a space alike',
+    (
+        'const ts = (k.tok + "").split(".")[2];',
+        "StringLiteral",
+        '"Stryker was here!"',
+    ): "text appended to the token only lengthens its last field (the mac), not TS",
+    (
+        "for (const s of opt.gatewayOrigins || [])",
+        "ArrayDeclaration",
+        '["Stryker was here"]',
+    ): "a non-URL origin is skipped by the same try as any bad entry",
+    (
+        'gatewayOrigins: [CS.src, ...(CS.dataset.gatewayOrigins || "").split(",")],',
+        "StringLiteral",
+        '"Stryker was here!"',
+    ): "a non-URL origin is skipped by the same try as any bad entry",
+}
 
 
 @dataclass
