@@ -70,6 +70,12 @@ bench: $(VENV)/.dev system frontend-snippet/node_modules/.installed  ## benchmar
 # wheel into a fresh virtualenv and runs its console scripts.)
 build: $(VENV)/.dev  ## the wheel and sdist into dist/ (python -m build)
 	$(PY) -m build --outdir dist .
+# Not part of `make test`: mutmut over the pure and thin gateway modules, Stryker
+# over the snippet; MUTATION_ARGS=--keep reuses mutmut's cache in ./mutants.
+MUTATION_ARGS ?=
+.PHONY: mutate
+mutate: $(VENV)/.dev frontend-snippet/node_modules/.installed  ## mutation testing (~30 min): writes benchmarks/MUTATION.md
+	$(PY) benchmarks/mutation.py $(MUTATION_ARGS)
 
 format: $(VENV)/.dev  ## apply ruff's fixes and formatting
 	$(PY) -m ruff check --fix .

@@ -483,11 +483,6 @@ def drift_check(token: Token, t1_ms: float, ts_ms: float) -> DriftCheck:
     return "corrected" if outside <= SLEW_MAX_MS else "broken"
 
 
-def drift_ok(token: Token, t1_ms: float, ts_ms: float) -> bool:
-    """True when the drift rule holds at full trust (see :func:`drift_check`)."""
-    return drift_check(token, t1_ms, ts_ms) == "ok"
-
-
 def _bound_failure(estimate: float, margin: float, upper: float | None) -> str | None:
     """Which physical bound an estimate breaks, with ``margin`` of error."""
     if estimate < -margin:

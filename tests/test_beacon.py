@@ -666,3 +666,149 @@ async def test_browser_spans_follow_the_gateways_sampling_decision(
         assert len(gateway_traces) == 40  # a sampled remote parent is followed
     else:
         assert 5 < len(gateway_traces) < 35  # the ratio really sampled some out
+
+
+# -- exact bounds (each one found by `make mutate`) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("marks", "reason"),
+    [
+        # Year 2286 is the last mark a clock can read (MAX_MARK_MS): at the bound
+        # it is still a number (dropped later, by the window), past it a bad mark.
+        ({"startTime": 10**13, "responseEnd": 1e13}, "window"),
+        ({"startTime": 10**13 + 1, "responseEnd": 10**13 + 1}, "marks"),
+        ({"startTime": 1e13 + 0.5, "responseEnd": 1e13 + 0.5}, "marks"),
+        # A span needs both ends.
+        ({"responseEnd": T}, "marks"),
+        ({"startTime": T}, "marks"),
+    ],
+)
+def test_marks_at_their_bounds(marks: dict[str, Any], reason: str) -> None:
+    assert _build(_entry(marks=marks), T + 1_000) == (None, reason)
+
+
+def test_equal_consecutive_marks_are_in_order() -> None:
+    # A browser reports fetchStart == startTime (and often more equal marks)
+    # for a request that needed no redirect, DNS or connection.
+    ts = T - 25
+    marks = {"startTime": ts, "fetchStart": ts, "requestStart": ts, "responseEnd": ts + 40}
+    tok = _token(T, ts, 25.0)
+    span, why = _build(_entry(tok=tok, b=_bind(tok), marks=marks), T + 1_000)
+    assert why == ""
+    assert span is not None
+    assert [e.name for e in span.events] == [
+        "startTime",
+        "fetchStart",
+        "requestStart",
+        "responseEnd",
+    ]
+
+
+@pytest.mark.parametrize(("extra", "reason"), [(128, ""), (129, "traceparent")])
+def test_traceparent_of_a_future_version_up_to_128_characters(extra: int, reason: str) -> None:
+    # W3C Trace Context §4.3 (versioning): a higher version may append fields
+    # after the flags; the gateway reads at most 128 characters of it.
+    tp = f"cc-{TRACE}-{SPAN}-01-"
+    tp += "a" * (extra - len(tp))
+    assert len(tp) == extra
+    span, why = _build(_entry(tp=tp), T + 1_000)
+    assert why == reason
+    assert (span is None) == bool(reason)
+
+
+@pytest.mark.parametrize("tp", [42, None, ["00"], {"tp": 1}])
+def test_a_traceparent_that_is_not_a_string_is_dropped(tp: Any) -> None:
+    assert _build(_entry(tp=tp), T + 1_000) == (None, "traceparent")
+
+
+def test_a_url_of_exactly_2048_characters_is_kept() -> None:
+    url = "http://x/" + "a" * (beacon.MAX_URL_CHARS - len("http://x/"))
+    span, why = _build(_entry(u=url), T + 1_000)
+    assert why == ""
+    assert span is not None
+    assert (span.attributes or {})["url.full"] == url
+
+
+def test_a_token_without_uplink_needs_the_snippets_offset() -> None:
+    ts = T - 3_600_000 - 25
+    entry = _entry(tok=_token(T, ts, None, None))
+    del entry["off"]
+    assert _build(entry, T + 1_000) == (None, "offset")
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "now", "u", "e", "reason"),
+    [
+        # The end may fall short of T2 by E + rounding exactly (T2 = 55 here).
+        (0, 50, T + 1_000, 25.0, 2.0, ""),
+        # With E = 0 the slack is the 3 ms of rounding alone.
+        (0, 52, T + 1_000, 25.0, 0.0, ""),
+        (0, 51.5, T + 1_000, 25.0, 0.0, "window"),
+        # The end may pass the beacon's arrival by E + rounding exactly.
+        (0, 60, T + 30, 25.0, 2.0, ""),
+        # Exactly MAX_DURATION_MS long: kept.
+        (0, 60_000, T + 120_000, 25.0, 2.0, ""),
+    ],
+)
+def test_window_bounds_are_inclusive(
+    start: float, end: float, now: float, u: float, e: float, reason: str
+) -> None:
+    span, why = _build(_window_entry(start, end, u=u, e=e), now)
+    assert why == reason
+    if span is not None:
+        assert span.end_time is not None
+        assert span.start_time is not None
+        assert abs((span.end_time - span.start_time) / 1e6 - (end - start)) < 0.001
+
+
+@pytest.mark.parametrize(("u", "reason"), [(-5.0, ""), (-6.0, "window")])
+def test_a_span_starting_after_the_gateway_received_the_request_is_refused(
+    u: float, reason: str
+) -> None:
+    # T1 − U is the start: a U below zero would put the browser span after
+    # its child; within E + rounding (5 ms here) it is tolerated, beyond not.
+    tok = make_token(
+        KEY, t2_ms=T + 30, t1_ms=T, ts_ms=T - u, uplink_ms=u, error_ms=2, nonce=b"\x06" * 8
+    )
+    marks = {"startTime": T - u, "responseEnd": T - u + 40}
+    assert _build(_entry(tok=tok, b=_bind(tok), marks=marks), T + 1_000)[1] == reason
+
+
+def test_the_browser_span_is_named_and_labelled_for_the_viewer() -> None:
+    span, why = _build(_entry(m="post"), T + 1_000)
+    assert why == ""
+    assert span is not None
+    assert span.name == "POST"
+    assert span.instrumentation_scope is not None
+    assert span.instrumentation_scope.name == "gateway.beacon"
+    assert span.parent is None  # its parent is the page, outside any trace we see
+    assert span.context.is_remote is False  # our own span, exported as such
+    assert dict(span.attributes or {}) == {
+        "http.request.method": "POST",
+        "url.full": "http://127.0.0.1:8080/api/activities/home",
+        "latency.source": "beacon",
+    }
+    other, _ = _build(_entry(m="BREW"), T + 1_000)
+    assert other is not None
+    assert other.name == "HTTP"
+
+
+def test_ingest_counts_every_drop_by_reason() -> None:
+    bad = _entry(tp="00-zz-yy-01")
+    result = _ingest({"v": 1, "e": [5, "x", bad, dict(bad, tok="other")]}, T + 1_000)
+    assert result.accepted == 0
+    assert dict(result.dropped) == {"entry_shape": 2, "traceparent": 2}
+
+
+def test_fifty_entries_are_all_taken() -> None:
+    result = _ingest({"v": 1, "e": _entries(beacon.MAX_ENTRIES)}, T + 1_000)
+    assert result.accepted == 50
+    assert dict(result.dropped) == {}
+
+
+@pytest.mark.parametrize("payload", [[1, 2], {"v": 1}, {"e": {}}, None, "e"])
+def test_a_beacon_of_the_wrong_shape_says_what_is_expected(payload: Any) -> None:
+    with pytest.raises(beacon.BeaconError) as caught:
+        _ingest(payload, T)
+    assert str(caught.value) == 'expected {"v": 1, "e": [entries]}'

@@ -507,3 +507,28 @@ def test_limits_leave_room_for_every_valid_header() -> None:
     # (§3.3.2.1, §3.3.2.2): nothing valid may be refused for size alone.
     assert context.MAX_TRACESTATE_HEADER_CHARS >= 32 * (256 + 1 + 256) + 31
     assert context.MAX_TRACEPARENT_CHARS >= 55
+
+
+# -- exact bounds (each found by `make mutate`) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "source"), [(context.MAX_B3_CHARS, "b3multi"), (context.MAX_B3_CHARS + 1, "invalid")]
+)
+def test_every_x_b3_header_counts_towards_the_size_bound(size: int, source: str) -> None:
+    # OTel ignores X-B3-ParentSpanId, but an oversized one still refuses the
+    # context: the bound is on every x-b3-* header the client sent, in any case.
+    inbound = extract(
+        ("X-B3-TraceId", B3_TRACE_ID),
+        ("X-B3-SpanId", B3_SPAN_ID),
+        ("X-B3-ParentSpanId", "1" * size),
+    )
+    assert inbound.source == source
+
+
+def test_opentelemetry_never_sees_the_tracestate(caplog: pytest.LogCaptureFixture) -> None:
+    # Level 2 keys OTel's Level 1 parser would drop with a warning: parsed here instead.
+    with caplog.at_level("DEBUG"):
+        inbound = extract(("traceparent", VALID), ("tracestate", "1foo@=1,bar=2"))
+    assert list(parent_of(inbound).trace_state.items()) == [("1foo@", "1"), ("bar", "2")]
+    assert caplog.records == []

@@ -9,13 +9,16 @@ import hashlib
 import json
 import socket
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import proxy
 from tests.conftest import GatewayFactory, Traced
 from tests.servers import BackendThread, parse_head, raw_request
 from tests.upstream import ScriptedUpstream, cut_after, fixed, stall
@@ -1089,3 +1092,131 @@ async def test_the_gateways_own_error_is_readable_by_an_allowed_page(
     async with http.get(base + "/api/x", headers={"Origin": "http://evil.example"}) as resp:
         assert resp.status == 502
         assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+# -- the pure helpers at their exact bounds (each found by `make mutate`) ---------------
+# A stand-in carries only what each helper reads from a request: a real aiohttp
+# request cannot hold the odd bytes and sizes these cases need.
+
+
+def _head(target: bytes = b"/", fields: list[tuple[bytes, bytes]] | None = None) -> Any:
+    return SimpleNamespace(raw_path=target.decode("latin-1"), raw_headers=tuple(fields or []))
+
+
+def _field_of(size: int, name: bytes = b"X-Pad") -> tuple[bytes, bytes]:
+    """A field line of ``size`` bytes as nginx counts it: name, ": ", value, CRLF."""
+    return name, b"v" * (size - len(name) - 4)
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        # RFC 9110 §15.5.15: 414 past the 8 KiB target; the bound itself is allowed.
+        (_head(b"/" + b"a" * (proxy.MAX_TARGET_BYTES - 1)), None),
+        (
+            _head(b"/" + b"a" * proxy.MAX_TARGET_BYTES),
+            (414, "request target longer than 8192 bytes"),
+        ),
+        # RFC 6585 §5: 431 for one field over 8 KiB, for over 100 fields, for over 32 KiB.
+        (_head(fields=[_field_of(proxy.MAX_FIELD_BYTES)]), None),
+        (
+            _head(fields=[_field_of(proxy.MAX_FIELD_BYTES + 1)]),
+            (431, "header field 'X-Pad' is larger than 8 KiB"),
+        ),
+        (_head(fields=[(b"X-A", b"1")] * proxy.MAX_HEADER_COUNT), None),
+        (
+            _head(fields=[(b"X-A", b"1")] * (proxy.MAX_HEADER_COUNT + 1)),
+            (431, "more than 100 header fields"),
+        ),
+        (_head(fields=[_field_of(proxy.MAX_HEADER_BYTES // 4)] * 4), None),
+        (
+            _head(fields=[_field_of(proxy.MAX_HEADER_BYTES // 4)] * 4 + [(b"X", b"")]),
+            (431, "header section larger than 32 KiB"),
+        ),
+        (
+            _head(fields=[(b"N" * 100, b"\xff")]),
+            (400, f"header field {'N' * 64!r} is not valid UTF-8"),
+        ),
+        (
+            _head(fields=[_field_of(proxy.MAX_FIELD_BYTES + 1, b"L" * 100)]),
+            (431, f"header field {'L' * 64!r} is larger than 8 KiB"),
+        ),
+        (_head(fields=[(b"X-Name", "naïve".encode())]), None),
+    ],
+)
+def test_header_limits_are_inclusive_and_name_the_field(
+    head: Any, expected: tuple[int, str] | None
+) -> None:
+    assert proxy.header_limit_error(head) == expected
+
+
+def _client(headers: list[tuple[str, str]] | None = None, remote: str | None = "10.0.0.9") -> Any:
+    return SimpleNamespace(
+        remote=remote, scheme="http", headers=CIMultiDictProxy(CIMultiDict(headers or []))
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "trusted", "expected"),
+    [
+        # werkzeug ProxyFix: the N-th entry from the right is the client.
+        ([], 1, proxy.Forwarding("10.0.0.9", "10.0.0.9", None, "http")),
+        (
+            [("X-Forwarded-For", "1.1.1.1,2.2.2.2,3.3.3.3")],
+            1,
+            proxy.Forwarding("3.3.3.3", "3.3.3.3, 10.0.0.9", None, "http"),
+        ),
+        (
+            [("X-Forwarded-For", "2.2.2.2, 3.3.3.3")],
+            2,
+            proxy.Forwarding("2.2.2.2", "2.2.2.2, 3.3.3.3, 10.0.0.9", None, "http"),
+        ),
+        # Fewer entries than trusted proxies: the chain is not the client's.
+        (
+            [("X-Forwarded-For", "3.3.3.3")],
+            2,
+            proxy.Forwarding("10.0.0.9", "3.3.3.3, 10.0.0.9", None, "http"),
+        ),
+        (
+            [
+                ("Host", "gw.example"),
+                ("X-Forwarded-Host", "evil.example,app.example"),
+                ("X-Forwarded-Proto", "https"),
+            ],
+            1,
+            proxy.Forwarding("10.0.0.9", "10.0.0.9", "app.example", "https"),
+        ),
+        (
+            [("Host", "gw.example"), ("X-Forwarded-Host", "app.example")],
+            2,
+            proxy.Forwarding("10.0.0.9", "10.0.0.9", "gw.example", "http"),
+        ),
+    ],
+)
+def test_forwarding_trusts_exactly_the_configured_proxies(
+    headers: list[tuple[str, str]], trusted: int, expected: proxy.Forwarding
+) -> None:
+    assert proxy.forwarding(_client(headers), trusted) == expected
+
+
+def test_a_peer_without_an_address_is_forwarded_as_empty() -> None:
+    # A UNIX socket peer has no address: nothing is made up for it.
+    assert proxy.forwarding(_client(remote=None), 1) == proxy.Forwarding("", "", None, "http")
+
+
+def test_every_inbound_x_forwarded_header_is_dropped() -> None:
+    request = _client([("X-Forwarded-Prefix", "/evil"), ("X-Forwarded-Port", "1"), ("A", "1")])
+    fwd = proxy.forwarding(request, 0)
+    out = proxy.upstream_request_headers(request, fwd)
+    assert list(out.items()) == [
+        ("A", "1"),
+        ("X-Forwarded-For", "10.0.0.9"),
+        ("X-Forwarded-Proto", "http"),
+    ]
+
+
+def test_a_non_utf8_upstream_header_is_named_in_the_error() -> None:
+    upstream = CIMultiDictProxy(CIMultiDict([("X-Ok", "1"), ("X-Bad", "\udcff")]))
+    with pytest.raises(proxy.BadUpstreamHeader) as caught:
+        proxy.response_headers(upstream)
+    assert "'X-Bad'" in str(caught.value)

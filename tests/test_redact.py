@@ -91,3 +91,34 @@ def test_span_overrides_redact_url_attributes_and_secret_headers() -> None:
 
 def test_span_overrides_add_nothing_to_a_clean_span() -> None:
     assert REDACTOR.span_overrides({"url.path": "/p", "http.target": "/p?q=1"}) == {}
+
+
+def test_a_value_holding_an_equals_sign_is_redacted_whole() -> None:
+    # The key ends at the first "=" (WHATWG URL, application/x-www-form-urlencoded
+    # parsing): a base64 value's padding is part of the value.
+    assert REDACTOR.query("token=YWJj=&page=2") == f"token={REDACTED}&page=2"
+
+
+def test_a_form_encoded_space_in_a_configured_key_is_decoded() -> None:
+    # application/x-www-form-urlencoded: "+" is a space, "%20" too.
+    redactor = QueryRedactor(["Session Id"])
+    for raw in ("session+id=s1", "Session%20Id=s1", "session+Id=s1"):
+        assert redactor.query(raw) == raw.split("=")[0] + f"={REDACTED}", raw
+    assert redactor.query("sessionid=s1&session_id=s2") == "sessionid=s1&session_id=s2"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        # WHATWG URL: the userinfo ends at the last "@" of the authority.
+        ("http://a@b:c@h/p", f"http://{REDACTED}:{REDACTED}@h/p"),
+        # An "@" outside the authority is no userinfo: the URL stays as it was.
+        ("http://h/p@x/y", "http://h/p@x/y"),
+        ("http://h/a://b@c", "http://h/a://b@c"),
+        ("a@b://h/p", "a@b://h/p"),
+        # No scheme before "://": the authority still starts after it.
+        ("://u:p@h/x", f"://{REDACTED}:{REDACTED}@h/x"),
+    ],
+)
+def test_only_the_authoritys_userinfo_is_redacted(url: str, expected: str) -> None:
+    assert REDACTOR.url(url) == expected

@@ -621,3 +621,301 @@ def test_any_header_values_give_one_of_six_verdicts(
     assert verdict.status in STATUSES
     if verdict.uplink_ms is not None:
         assert 0 <= verdict.uplink_ms <= timing.MAX_UPLINK_MS + 1_000
+
+
+# -- exact bounds and whole verdicts (each found by `make mutate`) ---------------------
+
+PREV = "span=00f067aa0ba902b7, rtt=51.5, pre=3"
+
+
+def test_unsynced_verdicts_carry_every_figure() -> None:
+    assert judge(T, T - 30, prev=PREV) == Verdict(
+        "unsynced",
+        "no_clock_sync",
+        uplink_ms=30.0,
+        rtt_ms=51.5,
+        pre_request_ms=3.0,
+        offset_bucket="<1s",
+        raw_ms=30.0,
+        client_ts_ms=T - 30,
+    )
+    assert judge(T, T - SKEW, prev=PREV) == Verdict(
+        "unsynced",
+        "clock_offset",
+        rtt_ms=51.5,
+        pre_request_ms=3.0,
+        offset_bucket=">=1h",
+        raw_ms=SKEW,
+        client_ts_ms=T - SKEW,
+    )
+    day = timing.MAX_RAW_OFFSET_MS
+    assert judge(T, T - day - 1) == Verdict(
+        "invalid", "timestamp_range", raw_ms=day + 1, client_ts_ms=T - day - 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "uplink"),
+    [
+        (0.0, "no_clock_sync", 0.0),
+        (timing.MAX_UPLINK_MS, "no_clock_sync", timing.MAX_UPLINK_MS),
+        (timing.MAX_UPLINK_MS + 1, "clock_offset", None),
+        (-1.0, "clock_offset", None),
+        (timing.MAX_RAW_OFFSET_MS, "clock_offset", None),  # a day exactly: still a clock
+        (-timing.MAX_RAW_OFFSET_MS, "clock_offset", None),
+    ],
+)
+def test_unsynced_bounds_are_inclusive(raw: float, reason: str, uplink: float | None) -> None:
+    verdict = judge(T, T - raw)
+    assert (verdict.status, verdict.reason, verdict.uplink_ms) == ("unsynced", reason, uplink)
+
+
+def test_a_bounded_verdict_carries_every_figure() -> None:
+    verdict = judge(T, T - SKEW - 25, clock(SKEW, d=4.0, age=10_000.0, tok=token(T - 500)), PREV)
+    error = 4.0 / 2 + timing.ROUNDING_MS + timing.HONEST_RATE * 10_000.0
+    assert verdict == Verdict(
+        "ok",
+        "bounded",
+        trust="server_bounded",
+        uplink_ms=25.0,
+        uplink_error_ms=error,
+        upper_bound_ms=500.0,
+        rtt_ms=51.5,
+        pre_request_ms=3.0,
+        sync_delay_ms=4.0,
+        sync_age_ms=10_000.0,
+        offset_bucket=">=1h",
+        raw_ms=SKEW + 25,
+        client_ts_ms=T - SKEW - 25,
+        chain_uplink_ms=25.0,
+        chain_error_ms=error,
+    )
+
+
+def test_a_clock_correction_is_client_only_within_the_physical_bound() -> None:
+    # The estimate (150 ms) is beyond the token's bound (100 ms) by more than
+    # the error (2.6 ms) but within one slew (83 ms over the 1 s sync age).
+    verdict = judge(T, T - SKEW - 150, clock(SKEW, d=2.0, age=1_000.0, tok=token(T - 100)))
+    error = 2.0 / 2 + timing.ROUNDING_MS + timing.HONEST_RATE * 1_000.0
+    assert verdict == Verdict(
+        "ok",
+        "clock_corrected",
+        trust="client_only",
+        uplink_ms=100.0,  # capped at what the token proves
+        uplink_error_ms=error + timing.slew_allowance(1_000.0),
+        upper_bound_ms=100.0,
+        sync_delay_ms=2.0,
+        sync_age_ms=1_000.0,
+        offset_bucket=">=1h",
+        raw_ms=SKEW + 150,
+        client_ts_ms=T - SKEW - 150,
+        chain_uplink_ms=50.0,  # the physical interval [0, 100]: the claim is outside it
+        chain_error_ms=50.0,
+    )
+    # Negative by more than the error, within one slew: a zero uplink.
+    negative = judge(T, T - SKEW + 20, clock(SKEW, d=2.0, age=1_000.0))
+    assert (negative.reason, negative.uplink_ms) == ("clock_corrected", 0.0)
+
+
+@pytest.mark.parametrize(
+    ("estimate", "upper", "reason", "uplink"),
+    [
+        # error = d/2 + 1 = 2 ms exactly (age 0, so no slew): each bound is inclusive.
+        (-2.0, None, "token_missing", 0.0),  # a negative estimate within the error is zero
+        (-0.5, None, "token_missing", 0.0),
+        (0.5, None, "token_missing", 0.5),
+        (-2.5, None, "negative_uplink", None),
+        (102.0, 100.0, "bounded", 102.0),
+        (99.0, 100.0, "bounded", 99.0),
+        (102.5, 100.0, "before_token", None),
+        (60_002.0, None, "token_missing", 60_002.0),
+        (60_002.5, None, "uplink_too_long", None),
+    ],
+)
+def test_physical_bounds_allow_exactly_the_error(
+    estimate: float, upper: float | None, reason: str, uplink: float | None
+) -> None:
+    tok = token(T - upper) if upper is not None else None
+    verdict = judge(T, T - SKEW - estimate, clock(SKEW, d=2.0, age=0.0, tok=tok))
+    assert (verdict.reason, verdict.uplink_ms) == (reason, uplink)
+
+
+def test_previous_keys_bound_the_uplink_during_a_rotation() -> None:
+    header = clock(SKEW, tok=token(T - 500, key=OTHER_KEY))
+    stamp = [f"{T - SKEW - 25:.3f}"]
+    rotating = evaluate(
+        t1_ms=T, timestamp=stamp, clock=[header], prev=[], key=KEY, previous_keys=(OTHER_KEY,)
+    )
+    assert (rotating.reason, rotating.trust) == ("bounded", "server_bounded")
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        # RFC 9110 §5.3: X-Client-Timestamp is one Item, so two field lines are invalid.
+        (["1764000000000", "1764000000001"], "timestamp_syntax"),
+        ([" " * 499 + "1764000000000"], None),  # 512 bytes: the cap is inclusive
+        ([" " * 500 + "1764000000000"], "timestamp_too_large"),
+        # Only SP and HTAB are OWS (RFC 9110 §5.6.3).
+        (["\x0b1764000000000"], "timestamp_syntax"),
+        (["1764000000000\x0c"], "timestamp_syntax"),
+        (["X1764000000000"], "timestamp_syntax"),
+        (["\t1764000000000 "], None),
+    ],
+)
+def test_timestamp_shape(values: list[str], reason: str | None) -> None:
+    if reason is None:
+        assert timing.parse_timestamp(values) == 1_764_000_000_000.0
+    else:
+        with pytest.raises(timing.HeaderError, match=f"^{reason}$") as caught:
+            timing.parse_timestamp(values)
+        assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        # Unknown members are ignored (RFC 8941 §4.2.2 leaves room for extensions),
+        # whatever their value, as long as the member is key=value.
+        ('off=1, d=2, age=1, ext="a=b"', None),
+        ("off=1, d=2, age=1, ext=tokenX", None),
+        ("off=1, d=2, age=1, ext=a\x0b", None),
+        ("off=1, d=2, age=1, Ext=1", "clock_syntax"),  # RFC 8941 §3.2: keys are lower case
+        ("off=1, d=2, age=1, ext=", "clock_syntax"),
+        ("off=1, d=2, age=1, ext= 1", "clock_syntax"),
+        ("off=1,\x0bd=2, age=1", "clock_syntax"),
+        ("off=1, Xd=2, age=1", "clock_syntax"),
+        # The 512-byte cap counts the joined value and is inclusive.
+        ("off=1, d=2, age=1, ext=" + "a" * (512 - 23), None),
+        ("off=1, d=2, age=1, ext=" + "a" * (513 - 23), "clock_too_large"),
+        # Ranges are inclusive: d and age may be 0, and d 60 s; off ± a day.
+        ("off=0, d=0, age=0", None),
+        ("off=-86400000, d=60000, age=86400000", None),
+        ("off=86400000.001, d=1, age=1", "clock_range"),
+        ("off=1, d=60000.001, age=1", "clock_range"),
+    ],
+)
+def test_clock_header_shape(value: str, reason: str | None) -> None:
+    if reason is None:
+        timing.parse_clock([value])
+    else:
+        with pytest.raises(timing.HeaderError) as caught:
+            timing.parse_clock([value])
+        assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("rtt=5", timing.ClientPrev(None, 5.0, None)),
+        ("span=00f067aa0ba902b7, rtt=0, pre=0", timing.ClientPrev("00f067aa0ba902b7", 0.0, 0.0)),
+        ("rtt=600000, pre=600000", timing.ClientPrev(None, 600_000.0, 600_000.0)),
+        ("rtt=5, pre=-1", "prev_range"),
+        ("rtt=5, pre=x", "prev_syntax"),
+        ("rtt=5, bare", "prev_syntax"),
+        ("rtt=5" + ", x=1" * 200, "prev_too_large"),
+    ],
+)
+def test_prev_header_shape(value: str, expected: timing.ClientPrev | str) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(timing.HeaderError) as caught:
+            timing.parse_prev([value])
+        assert caught.value.reason == expected
+    else:
+        assert timing.parse_prev([value]) == expected
+
+
+def _signed(body: str, key: bytes = KEY) -> str:
+    """A token whose mac is right for any body (what only the key's holder can make)."""
+    return f"{body}.{timing._mac(key, body)}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "1764000000000.1.2.3.4",  # five fields
+        "1764000000000.1.2.3.4.bm9uY2U.extra",  # seven
+        "1764000000000.x.2.3.4.bm9uY2U",  # not a number
+        "-.1.2.3.4.bm9uY2U",  # no T2
+    ],
+)
+def test_a_correctly_signed_token_of_the_wrong_shape_is_invalid(body: str) -> None:
+    assert verify_token(KEY, _signed(body), T) == (None, "token_invalid")
+
+
+def test_a_token_of_exactly_the_longest_length_verifies() -> None:
+    long = make_token(KEY, t2_ms=T, t1_ms=T, ts_ms=T, uplink_ms=1, error_ms=1, nonce=b"\x01" * 140)
+    assert len(long) == timing.MAX_TOKEN_CHARS
+    assert verify_token(KEY, long, T)[1] == ""
+    bind = make_bind(KEY, long, 1, 2)
+    assert verify_bind(KEY, bind, long, 1, 2)
+    assert not verify_bind(KEY, bind, long + "x", 1, 2)
+    assert verify_token(KEY, long + "x", T) == (None, "token_invalid")
+
+
+def test_a_bind_for_a_non_ascii_token_is_refused() -> None:
+    assert not verify_bind(KEY, make_bind(KEY, "1.2", 1, 2), "1.2é", 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("estimate", "error", "upper", "interval"),
+    [
+        (1.0, 3.0, None, (2.0, 2.0)),  # [0, 4]: never below zero
+        (105.0, 5.0, 100.0, (100.0, 0.0)),  # [100, 100]: touching the bound is inside
+        (10.0, 1.0, 0.0, (0.0, 0.0)),  # a bound of 0 leaves [0, 0]
+    ],
+)
+def test_chain_interval_edges(
+    estimate: float, error: float, upper: float | None, interval: tuple[float, float]
+) -> None:
+    assert timing.chain_interval(estimate, error, upper) == interval
+
+
+def test_no_slew_without_elapsed_time() -> None:
+    assert timing.slew_allowance(0.0) == 0.0
+    assert timing.slew_allowance(-5.0) == 0.0
+    assert timing.slew_allowance(1_000.0) == pytest.approx(83.333)
+
+
+# The token's request: sent at TS, received at T1 = T, U = 25 ± 3, answered at
+# T2 = T1 + 2. A request received at t1 = T1 (server elapsed 0, so r = 1 ms):
+# the client's elapsed time must lie in [22 + 2 − 1, 0 + 28 + 1] = [23, 29].
+DRIFT_TOKEN = timing.Token(t2_ms=int(T) + 2, t1_ms=int(T), ts_ms=0, uplink_ms=25, error_ms=3)
+
+
+@pytest.mark.parametrize(
+    ("client_elapsed", "check"),
+    [
+        (23.0, "ok"),
+        (29.0, "ok"),
+        (22.0, "corrected"),
+        (20.0, "corrected"),
+        (29.5, "corrected"),
+        (29.0 + timing.SLEW_MAX_MS, "corrected"),  # a whole slew, exactly
+        (29.5 + timing.SLEW_MAX_MS, "broken"),
+    ],
+)
+def test_drift_rule_bounds(client_elapsed: float, check: str) -> None:
+    assert timing.drift_check(DRIFT_TOKEN, T, client_elapsed) == check
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        timing.Token(t2_ms=int(T), t1_ms=None, ts_ms=0, uplink_ms=25, error_ms=3),
+        timing.Token(t2_ms=int(T), t1_ms=int(T), ts_ms=None, uplink_ms=25, error_ms=3),
+        timing.Token(t2_ms=int(T), t1_ms=int(T), ts_ms=0, uplink_ms=None, error_ms=3),
+        timing.Token(t2_ms=int(T), t1_ms=int(T), ts_ms=0, uplink_ms=25, error_ms=None),
+    ],
+)
+def test_a_token_without_the_full_interval_cannot_be_checked(partial: timing.Token) -> None:
+    assert timing.drift_check(partial, T + 5_000, 1e9) == "ok"
+
+
+def test_rate_limiter_forgets_the_least_recent_client() -> None:
+    limiter = RateLimiter(per_s=0.001, burst=1, max_clients=2)
+    assert limiter.allow("a", 0.0)
+    assert limiter.allow("b", 0.0)
+    assert limiter.allow("c", 0.0)  # "a" is forgotten
+    assert not limiter.allow("c", 0.0)  # the newest is remembered
+    assert limiter.allow("a", 0.0)  # a forgotten client starts with a full bucket

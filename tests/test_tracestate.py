@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry.context import create_key, set_value
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
@@ -315,3 +316,107 @@ def test_any_input_gives_a_valid_list_or_nothing(fields: list[str]) -> None:
 )
 def test_any_valid_list_is_kept_whole_and_in_order(members: Members, sep: str) -> None:
     assert list(parse([joined(members, sep)]).items()) == members
+
+
+# -- exact bounds and the rest of the interface (each found by `make mutate`) ------------
+
+
+def test_a_member_of_129_characters_is_long() -> None:
+    # §3.3.3.1: "larger than 128 characters" is 129 and up.
+    state = Level2TraceState([("edge", "x" * 123), ("over", "x" * 124), ("z", "z" * 400)])
+    assert list(trim(state).keys()) == ["edge"]
+
+
+def test_a_single_member_exactly_at_the_limit_fits() -> None:
+    state = parse(["a=12345678"])
+    assert trim(state, limit_chars=10) is state
+    assert list(trim(state, limit_chars=9).items()) == []
+
+
+@pytest.mark.parametrize("lines", [1, 2, 32])
+def test_the_list_may_be_exactly_the_largest_valid_one(lines: int) -> None:
+    # The bound counts the commas that join field lines (RFC 9110 §5.3):
+    # MAX_HEADER_CHARS is the longest valid list; one more character is not.
+    biggest = [(f"{i:02d}" + "k" * 254, "v" * 256) for i in range(32)]
+    size = 32 // lines
+    fields = [joined(biggest[i : i + size]) for i in range(0, 32, size)]
+    # Filled up with the optional white space a member may carry (§3.3.2).
+    fields[-1] += " " * (tracestate.MAX_HEADER_CHARS - sum(map(len, fields)) - len(fields) + 1)
+    assert sum(map(len, fields)) + len(fields) - 1 == tracestate.MAX_HEADER_CHARS
+    assert list(parse(fields).items()) == biggest
+    fields[-1] += " "
+    assert len(parse(fields)) == 0
+
+
+@pytest.mark.parametrize("space", ["\n", "\r", "\x0b", "\x0c", "\u00a0"])
+def test_only_spaces_and_tabs_surround_a_member(space: str) -> None:
+    # §3.3.2: OWS (RFC 9110 §5.6.3) is SP / HTAB, nothing else.
+    assert len(parse([f"a=1,{space}b=2"])) == 0
+    assert list(parse(["a=1,\t b=2 \t"]).items()) == [("a", "1"), ("b", "2")]
+
+
+def test_the_state_reads_as_a_mapping() -> None:
+    state = parse(["foo@=1,bar=2"])
+    assert "foo@" in state
+    assert "baz" not in state
+    assert list(state) == ["foo@", "bar"]
+    assert repr(state) == "Level2TraceState([('foo@', '1'), ('bar', '2')])"
+
+
+def test_update_of_a_present_key_in_a_full_list_moves_it_left() -> None:
+    # §3.5: a modified key moves to the left; the list stays at 32.
+    full = Level2TraceState([(f"k{i:02d}", "v") for i in range(32)])
+    updated = full.update("k31", "new")
+    assert list(updated.items())[:2] == [("k31", "new"), ("k00", "v")]
+    assert len(updated) == 32
+    assert full.update("k32", "v") is full
+
+
+def test_the_propagator_keeps_the_callers_context() -> None:
+    marker = create_key("caller")
+    base = set_value(marker, "kept")
+    for carrier in (
+        {"traceparent": VALID, "tracestate": "foo@=1"},
+        {"traceparent": VALID},
+        {"traceparent": "garbage", "tracestate": "foo=1"},
+        {},
+    ):
+        ctx = tracestate.PROPAGATOR.extract(carrier, base)
+        assert ctx.get(marker) == "kept", carrier
+
+
+def test_no_tracestate_without_a_valid_traceparent() -> None:
+    # §3.3: "If the vendor failed to parse traceparent, it MUST NOT attempt
+    # to parse tracestate": nothing is set in the context at all.
+    ctx = tracestate.PROPAGATOR.extract({"traceparent": "garbage", "tracestate": "foo=1"})
+    assert trace.get_current_span(ctx) is trace.INVALID_SPAN
+
+
+def test_the_propagator_reads_through_the_callers_getter(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class PairsGetter:
+        def get(self, carrier: list[tuple[str, str]], key: str) -> list[str] | None:
+            found = [v for k, v in carrier if k == key]
+            return found or None
+
+        def keys(self, carrier: list[tuple[str, str]]) -> list[str]:
+            return [k for k, _ in carrier]
+
+    carrier = [("traceparent", VALID), ("tracestate", "1foo@=1")]
+    with caplog.at_level("DEBUG"):
+        ctx = tracestate.PROPAGATOR.extract(carrier, getter=PairsGetter())  # type: ignore[arg-type]
+    got = trace.get_current_span(ctx).get_span_context()
+    assert f"{got.trace_id:032x}" == TRACE_ID
+    assert list(got.trace_state.items()) == [("1foo@", "1")]
+    # OTel's Level 1 parser never saw the tracestate: it would warn about "1foo@".
+    assert caplog.records == []
+
+
+def test_global_propagator_reads_tracecontext_level_2_and_baggage() -> None:
+    ctx = tracestate.global_propagator().extract(
+        {"traceparent": VALID, "tracestate": "1foo@=1", "baggage": "user=42"}
+    )
+    got = trace.get_current_span(ctx).get_span_context()
+    assert list(got.trace_state.items()) == [("1foo@", "1")]
+    assert baggage.get_baggage("user", ctx) == "42"

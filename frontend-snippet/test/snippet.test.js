@@ -55,7 +55,11 @@ test("the file is plain ES2017, as a classic script and as the .mjs the gateway 
   assert.throws(() => acorn.parse("try {} catch {}", { ecmaVersion: 2017 }));
 });
 
-test("size budget: scripts/size.mjs passes, and fails over a smaller budget", () => {
+// Under Stryker (make mutate) snippet.js is instrumented with every mutant at once,
+// so its size says nothing about the real file: stryker.conf.json sets this variable.
+const MUTATION_RUN = process.env.SNIPPET_MUTATION_RUN === "1";
+
+test("size budget: scripts/size.mjs passes, and fails over a smaller budget", { skip: MUTATION_RUN && "instrumented by Stryker" }, () => {
   const script = path.join(DIR, "scripts", "size.mjs");
   const ok = spawnSync(process.execPath, [script], { encoding: "utf8" });
   assert.equal(ok.status, 0, ok.stderr);
@@ -351,6 +355,10 @@ function page({ script = null, refuse = [], rt = true, hold = false, src = SRC }
     clearTimeout,
   };
   ctx.window = ctx;
+  // Under Stryker the snippet's mutant switch lives on the test's global
+  // (set from the environment when snippet.js was required above): the page
+  // shares it, so a mutant is active in the simulated page too.
+  if (MUTATION_RUN) ctx.__stryker__ = globalThis.__stryker__;
   vm.createContext(ctx);
   vm.runInContext(src, ctx, { filename: FILE });
   return {
@@ -974,4 +982,47 @@ test("beacon: a request sent unsynced carries the offset known when it is report
   const [e] = JSON.parse(p.beacons[0].blob).e;
   assert.equal(e.u, GW + "/api/first");
   assert.equal(e.off, OFFSET, "the burst's best offset places its marks");
+});
+
+// -- cases `make mutate` found unguarded ----------------------------------------------------
+
+test("best: the least delayed sample wherever it sits in the list", () => {
+  assert.deepEqual(S.best([{ off: 1, d: 1, at: 1 }, { off: 5, d: 5, at: 2 }, { off: 3, d: 3, at: 3 }]), { off: 1, d: 1, at: 1 });
+});
+
+test("Server-Timing: no header is no metrics; a param without a value is empty", () => {
+  assert.deepEqual(S.parseServerTiming(null), {});
+  assert.deepEqual(S.parseServerTiming(undefined), {});
+  assert.deepEqual(S.parseServerTiming("uplink;desc"), { uplink: { dur: null, desc: "" } });
+});
+
+test("take: a burst answer (no timestamp sent) is never stale; no token keeps the last one", () => {
+  const o = { s: [] };
+  const tok = "5012.5010.9999.9.2.bm9uY2U.bWFj"; // its TS is far from anything we sent
+  assert.equal(S.take(o, { t1: 5010, t2: 5012, tok }, 5000, 5022, 0), true);
+  assert.equal(o.k, tok);
+  assert.equal(S.take(o, { t1: 5030, t2: 5032, tok: null }, 5020, 5042, 0), true);
+  assert.equal(o.k, tok, "an answer without a token keeps the previous one");
+  assert.equal(o.s.length, 2);
+});
+
+test("XMLHttpRequest: only a header named exactly traceparent is the page's own", async () => {
+  const p = page();
+  await synced(p);
+  const x = new p.ctx.XMLHttpRequest();
+  x.open("GET", "/api/x");
+  x.setRequestHeader("X-Traceparent", "a");
+  x.setRequestHeader("Traceparent-Old", "b");
+  x.send();
+  assert.match(Object.fromEntries(x.sent).traceparent, TRACEPARENT);
+});
+
+test("LatencyGateway.requests keeps the last 50", async () => {
+  const p = page();
+  await synced(p);
+  for (let i = 0; i < 51; i++) await (await p.ctx.fetch(`/api/x?n=${i}`)).arrayBuffer();
+  await until(() => p.api.requests.length >= 50 && p.events.length == 51, "51 answers");
+  assert.equal(p.api.requests.length, 50);
+  assert.equal(p.api.requests[0].url, PAGE + "/api/x?n=1");
+  assert.equal(p.api.requests[49].url, PAGE + "/api/x?n=50");
 });
