@@ -163,18 +163,42 @@ def test_a_failing_endpoint_is_not_mistaken_for_an_encoding_problem() -> None:
     exporter.shutdown()
 
 
-def test_telemetry_handle_reports_the_batch_queue() -> None:
-    """The one place that reads the SDK's private queue: fails when the SDK
-    moves it, rather than /__gateway/health silently reporting null."""
-    built = telemetry.build_telemetry("gateway", default_sampler=ALWAYS_ON)
-    try:
+def test_telemetry_handle_counts_queued_and_exported_spans(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The health report's figures come from our own counts, not from the
+    SDK's private queue: a span waits in the queue, then a real receiver
+    takes it and the count moves to exported."""
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")  # nothing leaves before the flush
+        built = telemetry.build_telemetry("gateway", default_sampler=ALWAYS_ON)
         built.provider.get_tracer("t").start_span("queued").end()
         status = built.exporter_status()
-        assert status["queued_spans"] == 1
-        assert isinstance(status["max_queue_size"], int)
-        assert status["unencodable_spans"] == 0
-    finally:
-        telemetry.shutdown_tracer_provider(built.provider, timeout_s=1)
+        assert (status["ended_spans"], status["queued_spans"], status["exported_spans"]) == (
+            1,
+            1,
+            0,
+        )
+        assert telemetry.shutdown_tracer_provider(built.provider, timeout_s=10)
+        status = built.exporter_status()
+        assert (status["queued_spans"], status["exported_spans"], status["failed_spans"]) == (
+            0,
+            1,
+            0,
+        )
+        assert [s.name for s in receiver.spans] == ["queued"]
+
+
+def test_no_private_sdk_attribute_is_read_anywhere() -> None:
+    import re
+
+    from tests.servers import ROOT
+
+    private = re.compile(r"\._(active_span_processor|batch_processor|queue|max_queue_size)\b")
+    for package in ("gateway", "viewer", "latency_common", "backend"):
+        for path in (ROOT / package).rglob("*.py"):
+            assert not private.search(path.read_text()), path
 
 
 # -- the exporter build_telemetry wires -----------------------------------------------
