@@ -1,15 +1,21 @@
 """The snippet served by the gateway: /__gateway/snippet.js and .mjs, with
-the allow-list the snippet needs to tag the first request of a page."""
+the allow-list the snippet needs to tag the first request of a page, and
+/__gateway/snippet-<version>.js and .mjs, the same bytes for every
+deployment, whose Subresource Integrity hashes the README prints."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
+from pathlib import Path
 
 import aiohttp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import __version__
 from gateway.cors import Cors
 from gateway.reserved import ALLOWED_ORIGINS_MARKER, SNIPPET_PATH
 from tests.conftest import GatewayFactory
@@ -115,3 +121,65 @@ def test_browser_pattern_gives_the_same_verdict_as_cors(origin: str) -> None:
     assert pattern is not None
     granted = origin in cors.exact or any(p.matches(origin) for p in cors.patterns)
     assert bool(re.fullmatch(pattern, origin)) == granted
+
+
+# -- the versioned URLs: the same bytes from every gateway, for SRI -------------------
+
+VERSIONED = (
+    f"/__gateway/snippet-{__version__}.js",
+    f"/__gateway/snippet-{__version__}.mjs",
+)
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def sri_sha384(body: bytes) -> str:
+    """The integrity value of these bytes (W3C Subresource Integrity §3.3)."""
+    return "sha384-" + base64.b64encode(hashlib.sha384(body).digest()).decode()
+
+
+async def test_versioned_snippet_is_immutable_and_the_same_for_every_deployment(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    narrow = await gateway(allowed_origins=())
+    wide = await gateway(allowed_origins=ALLOWED)
+    source = SNIPPET_PATH.read_bytes()
+    for path in VERSIONED:
+        bodies = set()
+        for base in (narrow, wide):
+            for headers in ({}, ORIGIN, {"Origin": "https://evil.test"}):
+                async with http.get(base + path, headers=headers) as resp:
+                    assert resp.status == 200
+                    assert resp.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+                    assert resp.headers["Content-Type"].startswith("text/javascript")
+                    # integrity makes the browser fetch in CORS mode; the public
+                    # bytes go to any origin, with no per-origin answer to cache.
+                    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+                    assert "Vary" not in resp.headers
+                    body = await resp.read()
+                    bodies.add(body)
+                    etag = resp.headers["ETag"]
+        assert len(bodies) == 1, "a per-deployment byte would break the integrity hash"
+        # No allow-list written in: the marker keeps its null.
+        assert allow_list_in(body) is None
+        assert body.startswith(source)
+        async with http.get(narrow + path, headers={"If-None-Match": etag}) as resp:
+            assert resp.status == 304
+    async with http.get(narrow + "/__gateway/snippet-0.0.1.js") as resp:
+        assert resp.status == 404
+
+
+async def test_readme_prints_the_integrity_of_the_versioned_snippet(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """Fails when snippet.js or the version changed and README's tags were
+    not refreshed (README, "Add it to your frontend", says how)."""
+    base = await gateway()
+    readme = README.read_text()
+    for path in VERSIONED:
+        async with http.get(base + path) as resp:
+            integrity = sri_sha384(await resp.read())
+        tag = re.search(rf'src="[^"]*{re.escape(path)}"\s+integrity="([^"]+)"', readme)
+        assert tag is not None, f"README has no <script src=…{path} integrity=…> tag"
+        assert tag.group(1) == integrity, (
+            f"README's integrity for {path} is out of date: it is {integrity}"
+        )
