@@ -12,13 +12,17 @@ import re
 from pathlib import Path
 
 import aiohttp
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import __version__
 from gateway.cors import Cors
 from gateway.reserved import ALLOWED_ORIGINS_MARKER, SNIPPET_PATH
+from tests.browser import chromium
 from tests.conftest import GatewayFactory
+from tests.servers import free_port
+from tests.test_browser import OnePage
 
 ORIGIN = {"Origin": "http://localhost:3000"}
 ALLOWED = ("http://localhost:3000", "https://*.example.com")
@@ -183,3 +187,49 @@ async def test_readme_prints_the_integrity_of_the_versioned_snippet(
         assert tag.group(1) == integrity, (
             f"README's integrity for {path} is out of date: it is {integrity}"
         )
+
+
+@pytest.mark.parametrize("suffix", [".js", ".mjs"])
+async def test_chromium_runs_the_pinned_snippet_and_refuses_altered_bytes(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, suffix: str
+) -> None:
+    """A real browser checks the integrity of what the gateway serves: with
+    README's tag the snippet runs and syncs against a gateway on another
+    origin (CORS for the load comes from ``*``); with any other hash it
+    never runs."""
+    page_port = free_port()
+    page_origin = f"http://127.0.0.1:{page_port}"
+    base = await gateway(allowed_origins=(page_origin,))
+    path = f"/__gateway/snippet-{__version__}{suffix}"
+    async with http.get(base + path) as resp:
+        integrity = sri_sha384(await resp.read())
+    kind = ' type="module"' if suffix == ".mjs" else ""
+    # The module imported as a script initialises nothing: init it by hand.
+    start = (
+        f'<script type="module">LatencyGateway.init({{gatewayOrigins: ["{base}"]}});</script>'
+        if suffix == ".mjs"
+        else ""
+    )
+    tampered = "sha384-" + base64.b64encode(bytes(48)).decode()
+    outcomes = []
+    async with chromium() as browser:
+        for value in (integrity, tampered):
+            html = (
+                f'<!doctype html><script{kind} src="{base}{path}" integrity="{value}"'
+                f' crossorigin="anonymous"></script>{start}'
+            )
+            with OnePage(html, page_port) as page_server:
+                context = await browser.new_context()
+                page = await context.new_page()
+                await page.goto(page_server.url, wait_until="load")
+                if value == integrity:
+                    await page.wait_for_function(
+                        "LatencyGateway.clock() && LatencyGateway.clock().best != null",
+                        timeout=20_000,
+                        polling=50,
+                    )
+                    outcomes.append(await page.evaluate("LatencyGateway.clock().on"))
+                else:
+                    outcomes.append(await page.evaluate("typeof window.LatencyGateway"))
+                await context.close()
+    assert outcomes == [True, "undefined"]
