@@ -53,9 +53,10 @@ tests/pages/node_modules/.installed: tests/pages/package.json tests/pages/packag
 	cd tests/pages && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-js: frontend-snippet/node_modules/.installed  ## the snippet's node tests and size check
+js: frontend-snippet/node_modules/.installed  ## the snippet's node tests, size check, npm builds (dist/) and types check
 	node --test frontend-snippet/test/
 	node frontend-snippet/scripts/size.mjs
+	cd frontend-snippet && npm run --silent build && npm run --silent typecheck
 
 unit: $(VENV)/.dev system tests/pages/node_modules/.installed  ## the Python test suite only (no lint)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -2,7 +2,9 @@
 "What the proxy does (and does not) change").
 
 What it is for: ``clock`` (the snippet's sync burst), ``snippet.js`` /
-``snippet.mjs`` (the snippet, cacheable), ``beacon`` (browser timings →
+``snippet.mjs`` (the snippet, cacheable, with this deployment's allow-list)
+and ``snippet-<version>.js`` / ``.mjs`` (the same for every deployment,
+immutable, for Subresource Integrity), ``beacon`` (browser timings →
 browser spans, see ``beacon.py``), ``health`` (liveness, with detail for
 operators only) and ``ready`` (readiness, for load balancers), CORS
 preflights for these, and a JSON 404 for anything else under the prefix.
@@ -66,6 +68,10 @@ SNIPPET_MODULE_FOOTER: Final = (
 )
 #: Browsers may reuse the snippet for 5 minutes, then revalidate by ETag.
 SNIPPET_MAX_AGE_S: Final = 300
+#: The versioned URLs: one name per release, so their bytes never change.
+VERSIONED_SNIPPET: Final = f"snippet-{__version__}"
+#: A versioned snippet never changes under its name (RFC 8246: immutable).
+VERSIONED_CACHE_CONTROL: Final = "public, max-age=31536000, immutable"
 #: Beacons per client: the snippet sends one every 5 s, or per 20 requests.
 BEACON_RATE_PER_S: Final = 2.0
 BEACON_BURST: Final = 20
@@ -112,12 +118,16 @@ class Reserved:
         #: (classic, module) bodies with their ETags; start-up work, before
         #: the loop serves anything.
         self.snippet: tuple[tuple[bytes, str], tuple[bytes, str]] | None = None
+        #: The same for the versioned URLs: the marker left as it is (null).
+        self.versioned_snippet: tuple[tuple[bytes, str], tuple[bytes, str]] | None = None
         if SNIPPET_PATH.is_file():
             source = SNIPPET_PATH.read_bytes()
             allowed = cors.browser_pattern()
             classic = served_snippet(source, allowed)
             module = served_snippet(source + SNIPPET_MODULE_FOOTER, allowed)
             self.snippet = ((classic, etag_of(classic)), (module, etag_of(module)))
+            module = source + SNIPPET_MODULE_FOOTER
+            self.versioned_snippet = ((source, etag_of(source)), (module, etag_of(module)))
 
     def add_routes(self, router: web.UrlDispatcher, prefix: str) -> None:
         router.add_get(prefix + "health", self.health, allow_head=True)
@@ -125,6 +135,9 @@ class Reserved:
         router.add_get(prefix + "clock", self.clock, allow_head=True)
         router.add_get(prefix + "snippet.js", self.snippet_file, allow_head=True)
         router.add_get(prefix + "snippet.mjs", self.snippet_file, allow_head=True)
+        for suffix in (".js", ".mjs"):
+            path = prefix + VERSIONED_SNIPPET + suffix
+            router.add_get(path, self.versioned_snippet_file, allow_head=True)
         router.add_post(prefix + "beacon", self.beacon)
         router.add_route("OPTIONS", prefix + "{tail:.*}", self.reserved_preflight)
         router.add_route("*", prefix + "{tail:.*}", self.reserved_not_found)
@@ -230,12 +243,32 @@ class Reserved:
         origin = self.cors.origin(request)
         if module and origin is not None:
             self.cors.grant_own(headers, origin)
-        # RFC 9110 §13.1.2: If-None-Match with a matching entity tag → 304.
-        if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
-            return web.Response(status=304, headers=headers)
-        return web.Response(
-            body=body, headers=headers, content_type="text/javascript", charset="utf-8"
+        return snippet_response(request, body, etag, headers)
+
+    async def versioned_snippet_file(self, request: web.Request) -> web.Response:
+        """``snippet-<version>.js`` / ``.mjs``: the bytes of this release,
+        the same from every gateway, so a page can pin them with Subresource
+        Integrity (W3C SRI) and cache them for a year.
+
+        No allow-list is written in (it is per deployment and would change
+        the hash): a cross-origin gateway is enabled by its first sync answer,
+        as for a copy served from anywhere else. ``integrity`` makes the
+        browser fetch even a classic script in CORS mode (the ``crossorigin``
+        attribute, HTML "fetch a classic script"), and a module always is: the
+        public, credential-free bytes are granted to any origin with ``*``
+        (Fetch standard, CORS protocol), which, unlike a per-origin grant, is
+        the same answer for every page and so safe in any shared cache."""
+        if self.versioned_snippet is None:
+            return json_error(404, f"snippet not found at {SNIPPET_PATH}")
+        body, etag = self.versioned_snippet[request.path.endswith(".mjs")]
+        headers = CIMultiDict(
+            {
+                "ETag": etag,
+                "Cache-Control": VERSIONED_CACHE_CONTROL,
+                "Access-Control-Allow-Origin": "*",
+            }
         )
+        return snippet_response(request, body, etag, headers)
 
     async def beacon(self, request: web.Request) -> web.Response:
         """``POST /__gateway/beacon``: browser timings → browser CLIENT spans.
@@ -315,6 +348,16 @@ def served_snippet(source: bytes, allowed_pattern: str | None) -> bytes:
     JSON string (valid JavaScript; U+2028/2029 arrive escaped) or null."""
     value = json.dumps(allowed_pattern).encode()
     return source.replace(ALLOWED_ORIGINS_MARKER, b"/*@gateway-allowed-origins*/ " + value)
+
+
+def snippet_response(
+    request: web.Request, body: bytes, etag: str, headers: CIMultiDict[str]
+) -> web.Response:
+    """200 with the snippet, or 304 when the browser's copy is current."""
+    # RFC 9110 §13.1.2: If-None-Match with a matching entity tag → 304.
+    if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, headers=headers, content_type="text/javascript", charset="utf-8")
 
 
 def etag_of(body: bytes) -> str:

@@ -1,7 +1,7 @@
 """Fuzz every ``/__gateway/`` endpoint of a real gateway process over raw sockets.
 
-No input (clock, beacon, snippet.js/.mjs, health, unknown paths; any method,
-any headers, any body) may get a 5xx or put a traceback in the log. The
+No input (clock, beacon, snippet.js/.mjs and their versioned URLs, health,
+unknown paths; any method, any headers, any body) may get a 5xx or put a traceback in the log. The
 process runs with ``GATEWAY_LOG_LEVEL=debug`` so that nothing is hidden.
 Beacon bodies are built around a real token and bind, so the fuzzer reaches
 past the signature checks into the number, string and window checks.
@@ -18,13 +18,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import __version__
 from tests.servers import BackendThread, Process, parse_head, raw_request
 
 KEY = "fuzz-clock-key-0123456789abcdef"
 ORIGIN = "http://localhost:3000"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
-PATHS = ["clock", "beacon", "snippet.js", "snippet.mjs", "health", "nope", "", "beacon/x"]
+PATHS = [
+    "clock",
+    "beacon",
+    "snippet.js",
+    "snippet.mjs",
+    f"snippet-{__version__}.js",
+    f"snippet-{__version__}.mjs",
+    "snippet-0.0.0.js",
+    "health",
+    "nope",
+    "",
+    "beacon/x",
+]
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "BREW", "get"]
 # RFC 9110 §5.6.2 tchar: any of these makes a valid field name or method.
 TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -1,18 +1,28 @@
 """The snippet served by the gateway: /__gateway/snippet.js and .mjs, with
-the allow-list the snippet needs to tag the first request of a page."""
+the allow-list the snippet needs to tag the first request of a page, and
+/__gateway/snippet-<version>.js and .mjs, the same bytes for every
+deployment, whose Subresource Integrity hashes the README prints."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
+from pathlib import Path
 
 import aiohttp
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import __version__
 from gateway.cors import Cors
 from gateway.reserved import ALLOWED_ORIGINS_MARKER, SNIPPET_PATH
+from tests.browser import chromium
 from tests.conftest import GatewayFactory
+from tests.servers import free_port
+from tests.test_browser import OnePage
 
 ORIGIN = {"Origin": "http://localhost:3000"}
 ALLOWED = ("http://localhost:3000", "https://*.example.com")
@@ -115,3 +125,111 @@ def test_browser_pattern_gives_the_same_verdict_as_cors(origin: str) -> None:
     assert pattern is not None
     granted = origin in cors.exact or any(p.matches(origin) for p in cors.patterns)
     assert bool(re.fullmatch(pattern, origin)) == granted
+
+
+# -- the versioned URLs: the same bytes from every gateway, for SRI -------------------
+
+VERSIONED = (
+    f"/__gateway/snippet-{__version__}.js",
+    f"/__gateway/snippet-{__version__}.mjs",
+)
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def sri_sha384(body: bytes) -> str:
+    """The integrity value of these bytes (W3C Subresource Integrity §3.3)."""
+    return "sha384-" + base64.b64encode(hashlib.sha384(body).digest()).decode()
+
+
+async def test_versioned_snippet_is_immutable_and_the_same_for_every_deployment(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    narrow = await gateway(allowed_origins=())
+    wide = await gateway(allowed_origins=ALLOWED)
+    source = SNIPPET_PATH.read_bytes()
+    for path in VERSIONED:
+        bodies = set()
+        for base in (narrow, wide):
+            for headers in ({}, ORIGIN, {"Origin": "https://evil.test"}):
+                async with http.get(base + path, headers=headers) as resp:
+                    assert resp.status == 200
+                    assert resp.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+                    assert resp.headers["Content-Type"].startswith("text/javascript")
+                    # integrity makes the browser fetch in CORS mode; the public
+                    # bytes go to any origin, with no per-origin answer to cache.
+                    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+                    assert "Vary" not in resp.headers
+                    body = await resp.read()
+                    bodies.add(body)
+                    etag = resp.headers["ETag"]
+        assert len(bodies) == 1, "a per-deployment byte would break the integrity hash"
+        # No allow-list written in: the marker keeps its null.
+        assert allow_list_in(body) is None
+        assert body.startswith(source)
+        async with http.get(narrow + path, headers={"If-None-Match": etag}) as resp:
+            assert resp.status == 304
+    async with http.get(narrow + "/__gateway/snippet-0.0.1.js") as resp:
+        assert resp.status == 404
+
+
+async def test_readme_prints_the_integrity_of_the_versioned_snippet(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """Fails when snippet.js or the version changed and README's tags were
+    not refreshed (README, "Add it to your frontend", says how)."""
+    base = await gateway()
+    readme = README.read_text()
+    for path in VERSIONED:
+        async with http.get(base + path) as resp:
+            integrity = sri_sha384(await resp.read())
+        tag = re.search(rf'src="[^"]*{re.escape(path)}"\s+integrity="([^"]+)"', readme)
+        assert tag is not None, f"README has no <script src=…{path} integrity=…> tag"
+        assert tag.group(1) == integrity, (
+            f"README's integrity for {path} is out of date: it is {integrity}"
+        )
+
+
+@pytest.mark.parametrize("suffix", [".js", ".mjs"])
+async def test_chromium_runs_the_pinned_snippet_and_refuses_altered_bytes(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, suffix: str
+) -> None:
+    """A real browser checks the integrity of what the gateway serves: with
+    README's tag the snippet runs and syncs against a gateway on another
+    origin (CORS for the load comes from ``*``); with any other hash it
+    never runs."""
+    page_port = free_port()
+    page_origin = f"http://127.0.0.1:{page_port}"
+    base = await gateway(allowed_origins=(page_origin,))
+    path = f"/__gateway/snippet-{__version__}{suffix}"
+    async with http.get(base + path) as resp:
+        integrity = sri_sha384(await resp.read())
+    kind = ' type="module"' if suffix == ".mjs" else ""
+    # The module imported as a script initialises nothing: init it by hand.
+    start = (
+        f'<script type="module">LatencyGateway.init({{gatewayOrigins: ["{base}"]}});</script>'
+        if suffix == ".mjs"
+        else ""
+    )
+    tampered = "sha384-" + base64.b64encode(bytes(48)).decode()
+    outcomes = []
+    async with chromium() as browser:
+        for value in (integrity, tampered):
+            html = (
+                f'<!doctype html><script{kind} src="{base}{path}" integrity="{value}"'
+                f' crossorigin="anonymous"></script>{start}'
+            )
+            with OnePage(html, page_port) as page_server:
+                context = await browser.new_context()
+                page = await context.new_page()
+                await page.goto(page_server.url, wait_until="load")
+                if value == integrity:
+                    await page.wait_for_function(
+                        "LatencyGateway.clock() && LatencyGateway.clock().best != null",
+                        timeout=20_000,
+                        polling=50,
+                    )
+                    outcomes.append(await page.evaluate("LatencyGateway.clock().on"))
+                else:
+                    outcomes.append(await page.evaluate("typeof window.LatencyGateway"))
+                await context.close()
+    assert outcomes == [True, "undefined"]

@@ -11,7 +11,7 @@ const vm = require("node:vm");
 
 const FILE = path.join(__dirname, "..", "snippet.js");
 const NAMES = [
-  "hex", "traceparent", "timestampHeader: f3", "clockHeader", "prevHeader", "sample", "addSample", "best",
+  "hex", "traceparent", "timestampHeader", "clockHeader", "prevHeader", "sample", "addSample", "best",
   "parseServerTiming", "parseGatewayClock", "target", "take", "allows",
 ];
 const END = /\}\)\(\);\s*$/;
