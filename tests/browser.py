@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import ModuleType
+from typing import Any, Self
 
 from playwright.async_api import Browser, async_playwright
 from werkzeug.serving import BaseWSGIServer, make_server
@@ -75,16 +76,18 @@ def _demo_module() -> ModuleType:
     return module
 
 
-class DemoThread:
-    """The demo frontend (Flask) on a loopback port, in a thread."""
+class WsgiThread:
+    """A WSGI app on a loopback port, served by werkzeug's threaded server in
+    a thread of the test process (a real server: Chromium keeps pages it did
+    not get from the network out of the loopback address space)."""
 
-    def __init__(self, gateway_url: str, port: int = 0) -> None:
-        app = _demo_module().create_app(gateway_url)
+    def __init__(self, app: Any, port: int = 0) -> None:
         self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self.port = self._server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> DemoThread:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -92,3 +95,10 @@ class DemoThread:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+
+
+class DemoThread(WsgiThread):
+    """The demo frontend (Flask) on a loopback port, in a thread."""
+
+    def __init__(self, gateway_url: str, port: int = 0) -> None:
+        super().__init__(_demo_module().create_app(gateway_url), port)

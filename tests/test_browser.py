@@ -11,7 +11,6 @@ when it cannot start.
 from __future__ import annotations
 
 import statistics
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -19,9 +18,8 @@ from typing import Any
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page
-from werkzeug.serving import BaseWSGIServer, make_server
 
-from tests.browser import DemoThread, chromium, skew_script
+from tests.browser import DemoThread, WsgiThread, chromium, skew_script
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.relay import DelayRelay
 from tests.servers import Process, free_port
@@ -65,27 +63,16 @@ class Stack:
         return [s for s in self.receiver.spans if s.trace_id in trace_ids]
 
 
-class OnePage:
-    """One HTML page on a loopback port (a real server: Chromium keeps pages
-    it did not get from the network out of the loopback address space)."""
+class OnePage(WsgiThread):
+    """One HTML page on a loopback port."""
 
     def __init__(self, html: str, port: int) -> None:
         def app(environ: Any, start_response: Any) -> list[bytes]:
             start_response("200 OK", [("Content-Type", "text/html"), ("Cache-Control", "no-store")])
             return [html.encode()]
 
-        self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
-        self.url = f"http://127.0.0.1:{port}/"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> OnePage:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        super().__init__(app, port)
+        self.url += "/"
 
 
 def start_gateway(stack: ExitStack, backend: Process, receiver: OtlpReceiver, origin: str) -> str:

@@ -20,7 +20,6 @@ import asyncio
 import html
 import json
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -31,9 +30,8 @@ from typing import Any
 import pytest
 from flask import Flask, Response, send_from_directory
 from playwright.async_api import Browser
-from werkzeug.serving import BaseWSGIServer, make_server
 
-from tests.browser import chromium
+from tests.browser import WsgiThread, chromium
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.servers import ROOT, Process, free_port
 
@@ -58,7 +56,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-class PageServer:
+class PageServer(WsgiThread):
     """The test pages on a loopback port: /<sdk>/<order>?mode=... loads the
     SDK bundle and the gateway's snippet in that order, then fetches."""
 
@@ -103,18 +101,7 @@ class PageServer:
         def bundle(name: str) -> Response:
             return send_from_directory(bundles, name, max_age=0)
 
-        self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
-        self.url = f"http://127.0.0.1:{port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> PageServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        super().__init__(app, port)
 
 
 @pytest.fixture(scope="module")
