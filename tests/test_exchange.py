@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -472,3 +473,142 @@ async def test_a_client_that_disconnects_mid_body_is_reported_as_gone() -> None:
         await _wait_for(lambda: bool(ex.outcomes))
     assert parse_head(head)[0] == 200
     assert ex.outcomes == [proxy.Relayed(client_error="client_disconnected")]
+
+
+# -- the request body: buffer and limit bounds --------------------------------------
+
+
+class RecordingUpstream:
+    """Keeps each request's head (as soon as it is read) and body, answers 200."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> RecordingUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            self.heads.append(head.lower())
+            body = b""
+            if b"transfer-encoding: chunked" in head.lower():
+                for _ in range(10_000):
+                    size = int(await asyncio.wait_for(reader.readuntil(b"\r\n"), 10), 16)
+                    chunk = await asyncio.wait_for(reader.readexactly(size + 2), 10)
+                    if size == 0:
+                        break
+                    body += chunk[:-2]
+            elif length := re.search(rb"content-length: *(\d+)", head.lower()):
+                body = await asyncio.wait_for(reader.readexactly(int(length[1])), 10)
+            self.bodies.append(body)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _post(ex: Exchange, fields: bytes, *parts: bytes) -> bytes:
+    """A raw POST /up with these header fields and body bytes; the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+    try:
+        writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" + fields + b"\r\n")
+        for part in parts:
+            writer.write(part)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.transport.abort()
+
+
+@pytest.mark.parametrize(
+    ("fields", "body", "framing"),
+    [
+        (b"Content-Length: 16\r\n", b"10\r\n", b"content-length: 16\r\n"),
+        (b"Content-Length: 17\r\n", b"11\r\n", b"transfer-encoding: chunked\r\n"),
+        (b"Transfer-Encoding: chunked\r\n", b"10\r\n", b"content-length: 16\r\n"),
+        (b"Transfer-Encoding: chunked\r\n", b"11\r\n", b"transfer-encoding: chunked\r\n"),
+    ],
+)
+async def test_a_body_that_fits_the_buffer_exactly_goes_upstream_with_its_length(
+    fields: bytes, body: bytes, framing: bytes
+) -> None:
+    """GATEWAY_BUFFER_BODY_BYTES is inclusive: a body of exactly that size is
+    buffered and sent with its Content-Length; one byte more streams
+    (chunked, RFC 9112 §7.1), whether the client declared its length or not."""
+    size = int(body.strip(), 16)
+    data = b"".join(bytes([97 + i % 26]) for i in range(size))
+    payload = body + data + b"\r\n0\r\n\r\n" if b"chunked" in fields else data
+    async with RecordingUpstream() as up, exchange(up.url, buffer_body_bytes=16) as ex:
+        answer = await _post(ex, fields, payload)
+    assert parse_head(answer)[0] == 200
+    assert framing in up.heads[0]
+    assert up.bodies == [data]
+
+
+@pytest.mark.parametrize("buffer_bytes", [16, 32])
+@pytest.mark.parametrize(("size", "status"), [(32, 200), (33, 413)])
+async def test_the_body_limit_is_inclusive_buffered_or_streamed(
+    buffer_bytes: int, size: int, status: int
+) -> None:
+    async with (
+        RecordingUpstream() as up,
+        exchange(up.url, max_body_bytes=32, buffer_body_bytes=buffer_bytes) as ex,
+    ):
+        answer = await _post(ex, f"Content-Length: {size}\r\n".encode(), b"x" * size)
+    assert parse_head(answer)[0] == status
+    if status == 200:
+        assert up.bodies == [b"x" * size]
+
+
+async def test_the_body_limit_counts_every_chunk_not_the_last_one() -> None:
+    async with (
+        RecordingUpstream() as up,
+        exchange(up.url, max_body_bytes=2048, buffer_body_bytes=16) as ex,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"64\r\n" + b"x" * 100 + b"\r\n")  # past the buffer: streams
+            await writer.drain()
+            await _wait_for(lambda: bool(up.heads))  # the first 100 bytes were read
+            # 2000 bytes: under the limit alone, 2100 with the first ones.
+            writer.write(b"7d0\r\n" + b"x" * 2000 + b"\r\n0\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            writer.transport.abort()
+    assert parse_head(answer)[0] == 413
+    assert ex.outcomes == [proxy.Failure(413, "request body too large", "413")]
+
+
+async def test_a_request_with_a_body_to_an_unreachable_upstream_is_a_502_not_a_408() -> None:
+    async with exchange(f"http://127.0.0.1:{free_port()}") as ex:
+        answer = await _post(ex, b"Content-Length: 3\r\n", b"abc")
+    assert parse_head(answer)[0] == 502
+    assert ex.outcomes == [proxy.Failure(502, "upstream unreachable", "ClientConnectorError")]
+
+
+async def test_stall_timer_measures_each_await_from_its_own_start() -> None:
+    """The one timer armed by the first await fires while a later one is
+    pending: that one has waited less than ``timeout_s``, so it goes on."""
+    timer = proxy.StallTimer(1.0)
+    try:
+        await timer.wait(asyncio.sleep(0.5))
+        started = time.monotonic()
+        assert await timer.wait(asyncio.sleep(0.7, result="done")) == "done"
+        assert time.monotonic() - started >= 0.7
+    finally:
+        timer.stop()
