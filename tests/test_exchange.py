@@ -603,12 +603,15 @@ async def test_a_request_with_a_body_to_an_unreachable_upstream_is_a_502_not_a_4
 
 async def test_stall_timer_measures_each_await_from_its_own_start() -> None:
     """The one timer armed by the first await fires while a later one is
-    pending: that one has waited less than ``timeout_s``, so it goes on."""
-    timer = proxy.StallTimer(1.0)
+    pending: that one has waited less than ``timeout_s``, so it goes on, and
+    the timer sleeps until that await's own deadline (no busy re-checks)."""
+    timer = proxy.StallTimer(2.0)
     try:
-        await timer.wait(asyncio.sleep(0.5))
-        started = time.monotonic()
-        assert await timer.wait(asyncio.sleep(0.7, result="done")) == "done"
-        assert time.monotonic() - started >= 0.7
+        await timer.wait(asyncio.sleep(1.0))
+        started, cpu_s = time.monotonic(), time.process_time()
+        # Pending from 1.0 s to 2.6 s: the timer fires at 2.0 s and re-arms for 3.0 s.
+        assert await timer.wait(asyncio.sleep(1.6, result="done")) == "done"
+        assert time.monotonic() - started >= 1.6
+        assert time.process_time() - cpu_s < 0.2
     finally:
         timer.stop()
