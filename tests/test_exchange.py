@@ -367,7 +367,10 @@ async def test_no_content_type_or_server_is_added_when_the_upstream_sent_none() 
     ]
 
 
-async def test_a_header_that_cannot_pass_unchanged_is_a_502_on_a_fresh_connection_after() -> None:
+async def test_a_header_that_cannot_pass_unchanged_is_a_502_on_a_fresh_connection_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.upstream")
     # Its body is not all there yet: the connection must not be reused.
     bad = b"HTTP/1.1 200 OK\r\nX-Bad: caf\xe9\r\nContent-Length: 9\r\n\r\nhi"
     ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -380,6 +383,16 @@ async def test_a_header_that_cannot_pass_unchanged_is_a_502_on_a_fresh_connectio
     )
     # The unread answer's connection was given up, not pooled.
     assert up.seen == [(1, "/bad"), (2, "/ok")]
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.upstream"] == [
+        "upstream sent header 'X-Bad' that is not UTF-8"
+    ]
+
+
+async def test_the_upstreams_reason_phrase_reaches_the_client() -> None:
+    odd = b"HTTP/1.1 299 Fine Thanks\r\nContent-Length: 2\r\n\r\nok"
+    async with KeepAliveUpstream({"/odd": odd}) as up, exchange(up.url) as ex:
+        answer = await _get(ex, "/odd")
+    assert answer.startswith(b"HTTP/1.1 299 Fine Thanks\r\n")
 
 
 # -- streaming the body, and aborts ---------------------------------------------------
@@ -413,7 +426,9 @@ async def test_upstream_dying_mid_body_cuts_the_clients_response(
     assert ("Content-Length", "100") in headers
     assert body == b"x" * 10  # truncated: never completed with a wrong length
     assert ex.outcomes == [proxy.Relayed(upstream_error="ClientPayloadError")]
-    assert "upstream GET /cut died mid-body: ClientPayloadError" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.upstream"] == [
+        "upstream GET /cut died mid-body: ClientPayloadError"
+    ]
 
 
 async def test_upstream_stalling_mid_body_past_the_read_timeout_cuts_the_client() -> None:

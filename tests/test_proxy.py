@@ -1041,8 +1041,9 @@ def test_response_headers_refuse_values_with_cr_or_lf() -> None:
 
     for value in ("a\r\nInjected: 1", "a\rb", "a\nb"):
         upstream = CIMultiDictProxy(CIMultiDict([("X-A", value)]))
-        with pytest.raises(proxy.BadUpstreamHeader, match="CR or LF"):
+        with pytest.raises(proxy.BadUpstreamHeader) as caught:
             proxy.response_headers(upstream)
+        assert str(caught.value) == "upstream sent header 'X-A' that holds CR or LF"
 
 
 @settings(
