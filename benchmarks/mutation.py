@@ -158,9 +158,44 @@ EQUIVALENT: Final[dict[str, str]] = {
     "gateway.proxy.x_connection_tokens__mutmut_3": (
         "getall's default only feeds `if not values`: None and () are both empty"
     ),
-    "gateway.proxy.x_stream_request_body__mutmut_9": (
+    "gateway.proxy.xǁStallTimerǁ_check__mutmut_3": (
+        "_pending_since and _task are set and cleared together: one is None only when both are"
+    ),
+    "gateway.proxy.xǁStallTimerǁ_check__mutmut_7": (
+        "the check runs at since + timeout_s or later: on a tie it re-arms for that instant"
+    ),
+    "gateway.proxy.xǁBodyReaderǁ__init____mutmut_7": "`None` is as falsy as `False`",
+    "gateway.proxy.xǁBodyReaderǁ_read__mutmut_8": (
         "BodyTooLarge's argument is never read: the answer is a fixed 413"
     ),
+    "gateway.proxy.xǁ_ClientWritesǁsend__mutmut_4": "`None` is as falsy as `False`",
+    "gateway.proxy.xǁUpstreamǁrelay__mutmut_1": "`None` is as falsy as `False`",
+    "gateway.proxy.xǁUpstreamǁrelay__mutmut_2": (
+        "release() of an answer not read to its end closes its connection too"
+    ),
+    "gateway.proxy.xǁUpstreamǁrelay__mutmut_17": (
+        "aiohttp's client releases a connection itself once the body is read to its end"
+    ),
+    "gateway.proxy.xǁUpstreamǁrelay__mutmut_18": (
+        "aiohttp's client releases a connection itself once the body is read to its end"
+    ),
+    "gateway.proxy.xǁUpstreamǁresponse__mutmut_23": HEADER_CASE,
+    "gateway.proxy.xǁUpstreamǁresponse__mutmut_24": HEADER_CASE,
+    "gateway.proxy.xǁUpstreamǁresponse__mutmut_26": HEADER_CASE,
+    "gateway.proxy.xǁUpstreamǁresponse__mutmut_27": HEADER_CASE,
+    **{
+        f"gateway.proxy.xǁUpstreamǁrelay__mutmut_{n}": (
+            "aiohttp's client gives HEAD, 204 and 304 answers an empty body (RFC 9112 §6.3):"
+            " the loop reads nothing either way"
+        )
+        for n in (7, 9, 10, 12, 13)
+    },
+    **{
+        f"gateway.proxy.xǁ_ClientGoneǁ__init____mutmut_{n}": (
+            "the message is never shown or logged: relay() reads only timed_out"
+        )
+        for n in range(1, 8)
+    },
     "gateway.measure.xǁMeasurementǁ__init____mutmut_9": (
         "random.Random(None) seeds from the OS too: nonces only have to differ"
     ),
