@@ -48,6 +48,8 @@ DURATIONS: Final = ROOT / "mutants" / "durations.json"
 MUTMUT_RUN_TIMEOUT_S: Final = 3 * 3600
 STRYKER_RUN_TIMEOUT_S: Final = 2 * 3600
 TARGET_SCORE: Final = 95.0
+#: The packages [tool.mutmut] mutates (its source_paths).
+MUTATED_DIRS: Final = ("gateway", "latency_common")
 
 #: mutmut exit codes (mutmut/stats.py) grouped as the report shows them.
 KILLED_CODES: Final = frozenset({1, 3})
@@ -60,14 +62,14 @@ HEADER_CASE: Final = "header name case only (RFC 9110 §5.1: field names are cas
 EQUIVALENT: Final[dict[str, str]] = {
     "gateway.beacon.x_build_span__mutmut_215": "`parent=None` is ReadableSpan's default",
     "gateway.beacon.x_ingest__mutmut_12": "`+=` on a fresh Counter is `=`",
-    "gateway.redact.xǁQueryRedactorǁquery__mutmut_1": (
+    "latency_common.redact.xǁQueryRedactorǁquery__mutmut_1": (
         "a fast path: a query without `=` comes back unchanged either way"
     ),
-    "gateway.redact.xǁQueryRedactorǁquery__mutmut_8": "`None` is as falsy as `False`",
-    "gateway.redact.xǁQueryRedactorǁquery__mutmut_9": (
+    "latency_common.redact.xǁQueryRedactorǁquery__mutmut_8": "`None` is as falsy as `False`",
+    "latency_common.redact.xǁQueryRedactorǁquery__mutmut_9": (
         "a fast path: joining the unchanged parts gives the same string back"
     ),
-    "gateway.redact.xǁQueryRedactorǁquery__mutmut_21": (
+    "latency_common.redact.xǁQueryRedactorǁquery__mutmut_21": (
         "a fast path: joining the unchanged parts gives the same string back"
     ),
     "gateway.context.xǁ_TraceparentGetterǁget__mutmut_7": (
@@ -79,10 +81,10 @@ EQUIVALENT: Final[dict[str, str]] = {
     "gateway.context.xǁ_HeadersGetterǁkeys__mutmut_1": (
         "the Getter interface's `keys()`: neither the W3C nor the B3 propagators call it"
     ),
-    "gateway.tracestate.xǁ_WithoutTracestateǁkeys__mutmut_1": (
+    "latency_common.tracestate.xǁ_WithoutTracestateǁkeys__mutmut_1": (
         "the Getter interface's `keys()`: OTel's W3C propagator never calls it"
     ),
-    "gateway.tracestate.x_parse__mutmut_32": (
+    "latency_common.tracestate.x_parse__mutmut_32": (
         "an empty Level2TraceState and EMPTY behave alike everywhere"
     ),
     "gateway.context.x__parse__mutmut_3": (
@@ -123,19 +125,19 @@ EQUIVALENT: Final[dict[str, str]] = {
     "gateway.cors.xǁCorsǁown_preflight__mutmut_23": HEADER_CASE,
     "gateway.proxy.x_header_limit_error__mutmut_17": "codec names are case-insensitive",
     "gateway.proxy.x_header_limit_error__mutmut_28": "codec names are case-insensitive",
-    "gateway.redact.x__without_credentials__mutmut_17": (
+    "latency_common.redact.x__without_credentials__mutmut_17": (
         'find("/") from past "://" is never 0: only < 0 means "no slash"'
     ),
-    "gateway.redact.x__without_credentials__mutmut_18": (
+    "latency_common.redact.x__without_credentials__mutmut_18": (
         'find("/") from past "://" is never 0: only < 0 means "no slash"'
     ),
-    "gateway.redact.x__without_credentials__mutmut_19": (
+    "latency_common.redact.x__without_credentials__mutmut_19": (
         "rfind's end of None is the end of the string, as len(base) is"
     ),
-    "gateway.redact.x__without_credentials__mutmut_29": (
+    "latency_common.redact.x__without_credentials__mutmut_29": (
         'the "@" is searched past "://", so it is never at 0'
     ),
-    "gateway.redact.x__without_credentials__mutmut_30": (
+    "latency_common.redact.x__without_credentials__mutmut_30": (
         'the "@" is searched past "://", so it is never at 0'
     ),
     "gateway.timing.x__b64__mutmut_5": (
@@ -289,7 +291,7 @@ def _mutmut_run(max_children: int, names: list[str]) -> None:
 
 def _not_killed() -> list[str]:
     names = []
-    for meta in (ROOT / "mutants" / "gateway").glob("*.py.meta"):
+    for meta in (m for d in MUTATED_DIRS for m in (ROOT / "mutants" / d).glob("*.py.meta")):
         codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
         names += [n for n, c in codes.items() if c not in KILLED_CODES | TIMEOUT_CODES]
     return sorted(names)
@@ -357,8 +359,8 @@ def shown(removed: list[str], added: list[str]) -> str:
 
 def python_scores() -> list[Score]:
     scores = []
-    for meta in sorted((ROOT / "mutants" / "gateway").glob("*.py.meta")):
-        module = "gateway/" + meta.name.removesuffix(".meta")
+    for meta in sorted(m for d in MUTATED_DIRS for m in (ROOT / "mutants" / d).glob("*.py.meta")):
+        module = f"{meta.parent.name}/{meta.name.removesuffix('.meta')}"
         score = Score(module)
         codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
         for name, code in sorted(codes.items()):
