@@ -160,6 +160,18 @@ EQUIVALENT: Final[dict[str, str]] = {
     "gateway.proxy.x_connection_tokens__mutmut_3": (
         "getall's default only feeds `if not values`: None and () are both empty"
     ),
+    "gateway.proxy.xǁUpstreamǁtarget__mutmut_15": (
+        'yarl gives "/" as the path of an absolute URL without one, never ""'
+    ),
+    "gateway.proxy.xǁUpstreamǁcall__mutmut_5": "`None` is as falsy as `False`",
+    "gateway.proxy.xǁUpstreamǁcall__mutmut_11": "`compress=None` is aiohttp's default",
+    "gateway.proxy.xǁUpstreamǁcall__mutmut_12": "`chunked=None` is aiohttp's default",
+    "gateway.proxy.xǁUpstreamǁcall__mutmut_19": (
+        "classify() answers 400, 408, 413, 502 or 504: none is 500 or 501"
+    ),
+    "gateway.proxy.xǁUpstreamǁcall__mutmut_20": (
+        "classify() answers 400, 408, 413, 502 or 504: none is 500 or 501"
+    ),
     "gateway.proxy.xǁStallTimerǁ_check__mutmut_3": (
         "_pending_since and _task are set and cleared together: one is None only when both are"
     ),

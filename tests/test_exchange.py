@@ -630,3 +630,23 @@ async def test_stall_timer_measures_each_await_from_its_own_start() -> None:
         assert time.process_time() - cpu_s < 0.2
     finally:
         timer.stop()
+
+
+async def test_a_declared_length_over_the_buffer_streams_before_the_body_is_all_there() -> None:
+    """Content-Length above GATEWAY_BUFFER_BODY_BYTES: the upstream call
+    starts at once, nothing is held back to fill the buffer first."""
+    async with RecordingUpstream() as up, exchange(up.url, buffer_body_bytes=16) as ex:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
+            writer.write(b"x" * 10)  # less than the buffer
+            await writer.drain()
+            await _wait_for(lambda: bool(up.heads), timeout_s=3)
+            writer.write(b"x" * 4990)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            writer.transport.abort()
+    assert parse_head(answer)[0] == 200
+    assert b"transfer-encoding: chunked\r\n" in up.heads[0]
+    assert up.bodies == [b"x" * 5000]
