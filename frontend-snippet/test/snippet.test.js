@@ -1202,3 +1202,14 @@ test("a classic script: the beacon is on by default, data-beacon=\"off\" turns i
     assert.equal(p.beacons.length, expected, JSON.stringify(dataset));
   }
 });
+
+test("without serverTiming an entry goes to the request with its URL, not to the oldest one waiting", async () => {
+  const p = page();
+  await synced(p);
+  await p.ctx.fetch(GW + "/a");
+  await p.ctx.fetch(GW + "/b");
+  const entryB = { ...p.lastEntry(), serverTiming: [] };
+  await settle();
+  p.observe(entryB);
+  assert.deepEqual(p.events.filter((e) => e.rtt != null).map((e) => e.url), [GW + "/b"]);
+});
