@@ -246,26 +246,74 @@ CASE_ONLY_REASON: Final = HEADER_CASE
 #: Snippet mutants no test can kill: (source line, stripped; mutator; replacement) → reason.
 EQUIVALENT_JS: Final[dict[tuple[str, str, str], str]] = {
     (
-        '? { t1: +o.t1, t2: +o.t2, tok: /^[\\w.-]{1,256}$/.test(o.tok || "") '
-        "? o.tok : null, b: o.bind }",
+        '? { t1: +fields.t1, t2: +fields.t2, tok: /^[\\w.-]{1,256}$/.test(fields.tok || "") '
+        "? fields.tok : null, b: fields.bind }",
         "StringLiteral",
         '"Stryker was here!"',
     ): 'the token check fails for "" and for any text with a space alike',
     (
-        'const ts = (k.tok + "").split(".")[2];',
+        'const tokenTimestamp = (answer.tok + "").split(".")[2];',
         "StringLiteral",
         '"Stryker was here!"',
     ): "text appended to the token only lengthens its last field (the mac), not TS",
     (
-        "for (const s of opt.gatewayOrigins || [])",
+        'const [, traceId, spanId] = (sentTraceparent + "").split("-");',
+        "StringLiteral",
+        '"Stryker was here!"',
+    ): "text appended to the traceparent only lengthens its flags field, not the ids read",
+    (
+        "for (const gatewayUrl of options.gatewayOrigins || [])",
         "ArrayDeclaration",
         '["Stryker was here"]',
     ): "a non-URL origin is skipped by the same try as any bad entry",
     (
-        'gatewayOrigins: [CS.src, ...(CS.dataset.gatewayOrigins || "").split(",")],',
+        'gatewayOrigins: [ownScript.src, ...(ownScript.dataset.gatewayOrigins || "").split(",")],',
         "StringLiteral",
         '"Stryker was here!"',
     ): "a non-URL origin is skipped by the same try as any bad entry",
+    (
+        'const globalScope = typeof globalThis == "object" ? globalThis : self;',
+        "ConditionalExpression",
+        "true",
+    ): "`self` is for browsers before globalThis (2019); every engine that runs the tests has it",
+    ("if (!answer) break;", "ConditionalExpression", "false"): (
+        "take() of a null answer throws into the same catch that ends the burst"
+    ),
+    ("if (!eligible) return;", "ConditionalExpression", "false"): (
+        "fetch checks eligibility before, XHR calls it inside safely(): a throw is the same no-op"
+    ),
+    (
+        "if (tagged) (args = [new Request(request, { headers })]), (record = tagged);",
+        "ConditionalExpression",
+        "true",
+    ): "the URL was checked eligible just above, so tagRequest always returns a record here",
+    (
+        "if (record) safely(() => result.then((response) => responded(record, (name) => "
+        "response.headers.get(name), response.status), noop));",
+        "ConditionalExpression",
+        "true",
+    ): "responded() of no record throws inside its own safely(): nothing happens either way",
+    ("if (record)", "ConditionalExpression", "true"): (
+        "responded() of no record throws inside its own safely(): nothing happens either way"
+    ),
+    (
+        'this.addEventListener("loadend", () => this[MARK] == opened && responded(record, '
+        "(name) => this.getResponseHeader(name), this.status), {",
+        "ObjectLiteral",
+        "{}",
+    ): "a listener kept past its loadend is ignored by the this[MARK] == opened check",
+    ("once: true,", "BooleanLiteral", "false"): (
+        "a listener kept past its loadend is ignored by the this[MARK] == opened check"
+    ),
+    (
+        "const gatewayTraceparents = (entry.serverTiming || [])"
+        '.filter((metric) => metric.name == "traceparent");',
+        "ArrayDeclaration",
+        '["Stryker was here"]',
+    ): "without serverTiming a string's .name is undefined: filtered out like an empty list",
+    ("if (ownScript)", "ConditionalExpression", "true"): (
+        "without a currentScript, ownScript.src throws inside safely(): no init either way"
+    ),
 }
 
 
