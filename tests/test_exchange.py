@@ -676,3 +676,54 @@ async def test_the_upstream_pool_opens_at_most_max_connections() -> None:
         answers = await asyncio.gather(first, second)
     assert [parse_head(a)[2] for a in answers] == [b"ok", b"ok"]
     assert len(up.requests) == 2
+
+
+async def test_stall_timer_lets_a_real_cancellation_through_and_rearms_after_stop() -> None:
+    timer = proxy.StallTimer(0.2)
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(timer.wait(never))
+    await asyncio.sleep(0)
+    task.cancel()  # the client went away: not a stall
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    timer.stop()
+    # stop() between two bodies: the next await is bounded again.
+    with pytest.raises(TimeoutError):
+        await timer.wait(asyncio.get_running_loop().create_future())
+    timer.stop()
+
+
+async def test_a_buffered_body_cut_short_by_the_client_is_a_400() -> None:
+    """The client declares 10 bytes, sends 3 and ends its side: the body is
+    incomplete (RFC 9112 §6.3), the client's fault; nothing goes upstream."""
+    async with RecordingUpstream() as up, exchange(up.url) as ex:
+        _, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+            writer.write_eof()
+            await writer.drain()
+            await _wait_for(lambda: bool(ex.outcomes))
+        finally:
+            writer.transport.abort()
+    assert ex.outcomes == [proxy.Failure(400, "request body incomplete", "ConnectionResetError")]
+    assert up.heads == []
+
+
+async def test_concurrent_requests_each_get_an_upstream_connection_below_the_limit() -> None:
+    """No per-host cap under GATEWAY_MAX_CONNECTIONS: the one upstream gets
+    as many parallel connections as the pool allows."""
+    release = asyncio.Event()
+
+    async def held(head: bytes, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        await send(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    async with (
+        ScriptedUpstream({"/held": held}) as up,
+        exchange(up.url, max_connections=3) as ex,
+    ):
+        tasks = [asyncio.create_task(_get(ex, f"/held?{i}")) for i in range(3)]
+        await _wait_for(lambda: len(up.requests) == 3)  # all three at once
+        release.set()
+        answers = await asyncio.gather(*tasks)
+    assert [parse_head(a)[2] for a in answers] == [b"ok"] * 3
