@@ -48,6 +48,8 @@ DURATIONS: Final = ROOT / "mutants" / "durations.json"
 MUTMUT_RUN_TIMEOUT_S: Final = 3 * 3600
 STRYKER_RUN_TIMEOUT_S: Final = 2 * 3600
 TARGET_SCORE: Final = 95.0
+#: The packages [tool.mutmut] mutates (its source_paths).
+MUTATED_DIRS: Final = ("gateway", "latency_common")
 
 #: mutmut exit codes (mutmut/stats.py) grouped as the report shows them.
 KILLED_CODES: Final = frozenset({1, 3})
@@ -60,14 +62,14 @@ HEADER_CASE: Final = "header name case only (RFC 9110 §5.1: field names are cas
 EQUIVALENT: Final[dict[str, str]] = {
     "gateway.beacon.x_build_span__mutmut_215": "`parent=None` is ReadableSpan's default",
     "gateway.beacon.x_ingest__mutmut_12": "`+=` on a fresh Counter is `=`",
-    "gateway.redact.xǁQueryRedactorǁquery__mutmut_1": (
+    "latency_common.redact.xǁQueryRedactorǁquery__mutmut_1": (
         "a fast path: a query without `=` comes back unchanged either way"
     ),
-    "gateway.redact.xǁQueryRedactorǁquery__mutmut_8": "`None` is as falsy as `False`",
-    "gateway.redact.xǁQueryRedactorǁquery__mutmut_9": (
+    "latency_common.redact.xǁQueryRedactorǁquery__mutmut_8": "`None` is as falsy as `False`",
+    "latency_common.redact.xǁQueryRedactorǁquery__mutmut_9": (
         "a fast path: joining the unchanged parts gives the same string back"
     ),
-    "gateway.redact.xǁQueryRedactorǁquery__mutmut_21": (
+    "latency_common.redact.xǁQueryRedactorǁquery__mutmut_21": (
         "a fast path: joining the unchanged parts gives the same string back"
     ),
     "gateway.context.xǁ_TraceparentGetterǁget__mutmut_7": (
@@ -79,10 +81,10 @@ EQUIVALENT: Final[dict[str, str]] = {
     "gateway.context.xǁ_HeadersGetterǁkeys__mutmut_1": (
         "the Getter interface's `keys()`: neither the W3C nor the B3 propagators call it"
     ),
-    "gateway.tracestate.xǁ_WithoutTracestateǁkeys__mutmut_1": (
+    "latency_common.tracestate.xǁ_WithoutTracestateǁkeys__mutmut_1": (
         "the Getter interface's `keys()`: OTel's W3C propagator never calls it"
     ),
-    "gateway.tracestate.x_parse__mutmut_32": (
+    "latency_common.tracestate.x_parse__mutmut_32": (
         "an empty Level2TraceState and EMPTY behave alike everywhere"
     ),
     "gateway.context.x__parse__mutmut_3": (
@@ -123,19 +125,19 @@ EQUIVALENT: Final[dict[str, str]] = {
     "gateway.cors.xǁCorsǁown_preflight__mutmut_23": HEADER_CASE,
     "gateway.proxy.x_header_limit_error__mutmut_17": "codec names are case-insensitive",
     "gateway.proxy.x_header_limit_error__mutmut_28": "codec names are case-insensitive",
-    "gateway.redact.x__without_credentials__mutmut_17": (
+    "latency_common.redact.x__without_credentials__mutmut_17": (
         'find("/") from past "://" is never 0: only < 0 means "no slash"'
     ),
-    "gateway.redact.x__without_credentials__mutmut_18": (
+    "latency_common.redact.x__without_credentials__mutmut_18": (
         'find("/") from past "://" is never 0: only < 0 means "no slash"'
     ),
-    "gateway.redact.x__without_credentials__mutmut_19": (
+    "latency_common.redact.x__without_credentials__mutmut_19": (
         "rfind's end of None is the end of the string, as len(base) is"
     ),
-    "gateway.redact.x__without_credentials__mutmut_29": (
+    "latency_common.redact.x__without_credentials__mutmut_29": (
         'the "@" is searched past "://", so it is never at 0'
     ),
-    "gateway.redact.x__without_credentials__mutmut_30": (
+    "latency_common.redact.x__without_credentials__mutmut_30": (
         'the "@" is searched past "://", so it is never at 0'
     ),
     "gateway.timing.x__b64__mutmut_5": (
@@ -158,9 +160,112 @@ EQUIVALENT: Final[dict[str, str]] = {
     "gateway.proxy.x_connection_tokens__mutmut_3": (
         "getall's default only feeds `if not values`: None and () are both empty"
     ),
-    "gateway.proxy.x_stream_request_body__mutmut_9": (
+    "gateway.proxy.xǁUpstreamǁtarget__mutmut_15": (
+        'yarl gives "/" as the path of an absolute URL without one, never ""'
+    ),
+    "gateway.proxy.xǁUpstreamǁcall__mutmut_5": "`None` is as falsy as `False`",
+    "gateway.proxy.xǁUpstreamǁcall__mutmut_11": "`compress=None` is aiohttp's default",
+    "gateway.proxy.xǁUpstreamǁcall__mutmut_12": "`chunked=None` is aiohttp's default",
+    "gateway.proxy.xǁUpstreamǁcall__mutmut_19": (
+        "classify() answers 400, 408, 413, 502 or 504: none is 500 or 501"
+    ),
+    "gateway.proxy.xǁUpstreamǁcall__mutmut_20": (
+        "classify() answers 400, 408, 413, 502 or 504: none is 500 or 501"
+    ),
+    "gateway.proxy.x_build_session__mutmut_3": (
+        "limit_per_host None and 0 both mean no per-host limit (there is one upstream)"
+    ),
+    "gateway.proxy.x_build_session__mutmut_4": (
+        "DNS cached forever instead of 60 s: no test can wait a minute for a DNS change"
+    ),
+    "gateway.proxy.x_build_session__mutmut_5": "`None` is as falsy as `False`",
+    "gateway.proxy.x_drop_default_headers__mutmut_15": (
+        "aiohttp sets its default Server before on_response_prepare: the field is always there"
+    ),
+    "gateway.proxy.x_drop_default_headers__mutmut_17": HEADER_CASE,
+    "gateway.proxy.x_drop_default_headers__mutmut_18": HEADER_CASE,
+    "gateway.proxy.x_build_session__mutmut_7": (
+        "limit_per_host=0 is TCPConnector's default (no per-host limit)"
+    ),
+    "gateway.proxy.x_build_session__mutmut_8": (
+        "DNS cached 10 s (the default) instead of 60 s: no test can wait for a DNS change"
+    ),
+    "gateway.proxy.x_build_session__mutmut_9": (
+        "enable_cleanup_closed=False is TCPConnector's default"
+    ),
+    "gateway.proxy.x_upstream_request_headers__mutmut_40": HEADER_CASE,
+    "gateway.proxy.x_upstream_request_headers__mutmut_41": HEADER_CASE,
+    "gateway.proxy.xǁUpstreamǁresponse__mutmut_5": (
+        'logging formats a lone exception with str(), as "%s" does'
+    ),
+    "gateway.proxy.x_build_session__mutmut_11": (
+        "DNS cached 61 s instead of 60 s: no test can wait a minute for a DNS change"
+    ),
+    "gateway.proxy.x_build_session__mutmut_12": (
+        "enable_cleanup_closed only aborts TLS transports; the upstream here is plain HTTP"
+    ),
+    **{
+        f"gateway.proxy.x_build_session__mutmut_{n}": (
+            "aiohttp's default jar refuses cookies from an IP address (unsafe=False), and the"
+            " tests' upstreams are 127.0.0.1"
+        )
+        for n in (14, 21)
+    },
+    "gateway.proxy.x_build_session__mutmut_16": "`None` is as falsy as `False`",
+    "gateway.proxy.x_build_session__mutmut_26": (
+        "read_bufsize sizes aiohttp's read buffer, not what is read: the bytes are the same"
+    ),
+    "gateway.proxy.x_build_session__mutmut_30": HEADER_CASE,
+    "gateway.proxy.x_build_session__mutmut_31": HEADER_CASE,
+    "gateway.proxy.xǁStallTimerǁwait__mutmut_11": (
+        "the first check then comes at once, finds nothing due and re-arms for the deadline"
+    ),
+    **{
+        f"gateway.proxy.xǁStallTimerǁ{name}__mutmut_{n}": (
+            'the field is set before it is read, or "" passes the same `is None or` test'
+        )
+        for name, n in (("__init__", 4), ("__init__", 5), ("wait", 17), ("wait", 18))
+    },
+    "gateway.proxy.xǁStallTimerǁ__init____mutmut_6": "every wait() sets _fired first",
+    "gateway.proxy.xǁStallTimerǁ__init____mutmut_7": "every wait() sets _fired first",
+    "gateway.proxy.xǁStallTimerǁ_check__mutmut_3": (
+        "_pending_since and _task are set and cleared together: one is None only when both are"
+    ),
+    "gateway.proxy.xǁStallTimerǁ_check__mutmut_7": (
+        "the check runs at since + timeout_s or later: on a tie it re-arms for that instant"
+    ),
+    "gateway.proxy.xǁBodyReaderǁ__init____mutmut_7": "`None` is as falsy as `False`",
+    "gateway.proxy.xǁBodyReaderǁ_read__mutmut_8": (
         "BodyTooLarge's argument is never read: the answer is a fixed 413"
     ),
+    "gateway.proxy.xǁ_ClientWritesǁsend__mutmut_4": "`None` is as falsy as `False`",
+    "gateway.proxy.xǁUpstreamǁrelay__mutmut_1": "`None` is as falsy as `False`",
+    "gateway.proxy.xǁUpstreamǁrelay__mutmut_2": (
+        "release() of an answer not read to its end closes its connection too"
+    ),
+    "gateway.proxy.xǁUpstreamǁrelay__mutmut_17": (
+        "aiohttp's client releases a connection itself once the body is read to its end"
+    ),
+    "gateway.proxy.xǁUpstreamǁrelay__mutmut_18": (
+        "aiohttp's client releases a connection itself once the body is read to its end"
+    ),
+    "gateway.proxy.xǁUpstreamǁresponse__mutmut_23": HEADER_CASE,
+    "gateway.proxy.xǁUpstreamǁresponse__mutmut_24": HEADER_CASE,
+    "gateway.proxy.xǁUpstreamǁresponse__mutmut_26": HEADER_CASE,
+    "gateway.proxy.xǁUpstreamǁresponse__mutmut_27": HEADER_CASE,
+    **{
+        f"gateway.proxy.xǁUpstreamǁrelay__mutmut_{n}": (
+            "aiohttp's client gives HEAD, 204 and 304 answers an empty body (RFC 9112 §6.3):"
+            " the loop reads nothing either way"
+        )
+        for n in (7, 9, 10, 12, 13)
+    },
+    **{
+        f"gateway.proxy.xǁ_ClientGoneǁ__init____mutmut_{n}": (
+            "the message is never shown or logged: relay() reads only timed_out"
+        )
+        for n in range(1, 8)
+    },
     "gateway.measure.xǁMeasurementǁ__init____mutmut_9": (
         "random.Random(None) seeds from the OS too: nonces only have to differ"
     ),
@@ -185,26 +290,74 @@ CASE_ONLY_REASON: Final = HEADER_CASE
 #: Snippet mutants no test can kill: (source line, stripped; mutator; replacement) → reason.
 EQUIVALENT_JS: Final[dict[tuple[str, str, str], str]] = {
     (
-        '? { t1: +o.t1, t2: +o.t2, tok: /^[\\w.-]{1,256}$/.test(o.tok || "") '
-        "? o.tok : null, b: o.bind }",
+        '? { t1: +fields.t1, t2: +fields.t2, tok: /^[\\w.-]{1,256}$/.test(fields.tok || "") '
+        "? fields.tok : null, b: fields.bind }",
         "StringLiteral",
         '"Stryker was here!"',
     ): 'the token check fails for "" and for any text with a space alike',
     (
-        'const ts = (k.tok + "").split(".")[2];',
+        'const tokenTimestamp = (answer.tok + "").split(".")[2];',
         "StringLiteral",
         '"Stryker was here!"',
     ): "text appended to the token only lengthens its last field (the mac), not TS",
     (
-        "for (const s of opt.gatewayOrigins || [])",
+        'const [, traceId, spanId] = (sentTraceparent + "").split("-");',
+        "StringLiteral",
+        '"Stryker was here!"',
+    ): "text appended to the traceparent only lengthens its flags field, not the ids read",
+    (
+        "for (const gatewayUrl of options.gatewayOrigins || [])",
         "ArrayDeclaration",
         '["Stryker was here"]',
     ): "a non-URL origin is skipped by the same try as any bad entry",
     (
-        'gatewayOrigins: [CS.src, ...(CS.dataset.gatewayOrigins || "").split(",")],',
+        'gatewayOrigins: [ownScript.src, ...(ownScript.dataset.gatewayOrigins || "").split(",")],',
         "StringLiteral",
         '"Stryker was here!"',
     ): "a non-URL origin is skipped by the same try as any bad entry",
+    (
+        'const globalScope = typeof globalThis == "object" ? globalThis : self;',
+        "ConditionalExpression",
+        "true",
+    ): "`self` is for browsers before globalThis (2019); every engine that runs the tests has it",
+    ("if (!answer) break;", "ConditionalExpression", "false"): (
+        "take() of a null answer throws into the same catch that ends the burst"
+    ),
+    ("if (!eligible) return;", "ConditionalExpression", "false"): (
+        "fetch checks eligibility before, XHR calls it inside safely(): a throw is the same no-op"
+    ),
+    (
+        "if (tagged) (args = [new Request(request, { headers })]), (record = tagged);",
+        "ConditionalExpression",
+        "true",
+    ): "the URL was checked eligible just above, so tagRequest always returns a record here",
+    (
+        "if (record) safely(() => result.then((response) => responded(record, (name) => "
+        "response.headers.get(name), response.status), noop));",
+        "ConditionalExpression",
+        "true",
+    ): "responded() of no record throws inside its own safely(): nothing happens either way",
+    ("if (record)", "ConditionalExpression", "true"): (
+        "responded() of no record throws inside its own safely(): nothing happens either way"
+    ),
+    (
+        'this.addEventListener("loadend", () => this[MARK] == opened && responded(record, '
+        "(name) => this.getResponseHeader(name), this.status), {",
+        "ObjectLiteral",
+        "{}",
+    ): "a listener kept past its loadend is ignored by the this[MARK] == opened check",
+    ("once: true,", "BooleanLiteral", "false"): (
+        "a listener kept past its loadend is ignored by the this[MARK] == opened check"
+    ),
+    (
+        "const gatewayTraceparents = (entry.serverTiming || [])"
+        '.filter((metric) => metric.name == "traceparent");',
+        "ArrayDeclaration",
+        '["Stryker was here"]',
+    ): "without serverTiming a string's .name is undefined: filtered out like an empty list",
+    ("if (ownScript)", "ConditionalExpression", "true"): (
+        "without a currentScript, ownScript.src throws inside safely(): no init either way"
+    ),
 }
 
 
@@ -254,7 +407,7 @@ def _mutmut_run(max_children: int, names: list[str]) -> None:
 
 def _not_killed() -> list[str]:
     names = []
-    for meta in (ROOT / "mutants" / "gateway").glob("*.py.meta"):
+    for meta in (m for d in MUTATED_DIRS for m in (ROOT / "mutants" / d).glob("*.py.meta")):
         codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
         names += [n for n, c in codes.items() if c not in KILLED_CODES | TIMEOUT_CODES]
     return sorted(names)
@@ -322,8 +475,8 @@ def shown(removed: list[str], added: list[str]) -> str:
 
 def python_scores() -> list[Score]:
     scores = []
-    for meta in sorted((ROOT / "mutants" / "gateway").glob("*.py.meta")):
-        module = "gateway/" + meta.name.removesuffix(".meta")
+    for meta in sorted(m for d in MUTATED_DIRS for m in (ROOT / "mutants" / d).glob("*.py.meta")):
+        module = f"{meta.parent.name}/{meta.name.removesuffix('.meta')}"
         score = Score(module)
         codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
         for name, code in sorted(codes.items()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from yarl import URL
 from gateway import proxy
 from gateway.config import GatewayConfig
 from tests.servers import free_port, parse_head
-from tests.upstream import ScriptedUpstream, fixed, stall
+from tests.upstream import ScriptedUpstream, fixed, send, stall
 
 Outcome = proxy.Failure | proxy.Relayed
 
@@ -366,7 +367,10 @@ async def test_no_content_type_or_server_is_added_when_the_upstream_sent_none() 
     ]
 
 
-async def test_a_header_that_cannot_pass_unchanged_is_a_502_on_a_fresh_connection_after() -> None:
+async def test_a_header_that_cannot_pass_unchanged_is_a_502_on_a_fresh_connection_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.upstream")
     # Its body is not all there yet: the connection must not be reused.
     bad = b"HTTP/1.1 200 OK\r\nX-Bad: caf\xe9\r\nContent-Length: 9\r\n\r\nhi"
     ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -379,6 +383,16 @@ async def test_a_header_that_cannot_pass_unchanged_is_a_502_on_a_fresh_connectio
     )
     # The unread answer's connection was given up, not pooled.
     assert up.seen == [(1, "/bad"), (2, "/ok")]
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.upstream"] == [
+        "upstream sent header 'X-Bad' that is not UTF-8"
+    ]
+
+
+async def test_the_upstreams_reason_phrase_reaches_the_client() -> None:
+    odd = b"HTTP/1.1 299 Fine Thanks\r\nContent-Length: 2\r\n\r\nok"
+    async with KeepAliveUpstream({"/odd": odd}) as up, exchange(up.url) as ex:
+        answer = await _get(ex, "/odd")
+    assert answer.startswith(b"HTTP/1.1 299 Fine Thanks\r\n")
 
 
 # -- streaming the body, and aborts ---------------------------------------------------
@@ -412,7 +426,9 @@ async def test_upstream_dying_mid_body_cuts_the_clients_response(
     assert ("Content-Length", "100") in headers
     assert body == b"x" * 10  # truncated: never completed with a wrong length
     assert ex.outcomes == [proxy.Relayed(upstream_error="ClientPayloadError")]
-    assert "upstream GET /cut died mid-body: ClientPayloadError" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.upstream"] == [
+        "upstream GET /cut died mid-body: ClientPayloadError"
+    ]
 
 
 async def test_upstream_stalling_mid_body_past_the_read_timeout_cuts_the_client() -> None:
@@ -472,3 +488,242 @@ async def test_a_client_that_disconnects_mid_body_is_reported_as_gone() -> None:
         await _wait_for(lambda: bool(ex.outcomes))
     assert parse_head(head)[0] == 200
     assert ex.outcomes == [proxy.Relayed(client_error="client_disconnected")]
+
+
+# -- the request body: buffer and limit bounds --------------------------------------
+
+
+class RecordingUpstream:
+    """Keeps each request's head (as soon as it is read) and body, answers 200."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> RecordingUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            self.heads.append(head.lower())
+            body = b""
+            if b"transfer-encoding: chunked" in head.lower():
+                for _ in range(10_000):
+                    size = int(await asyncio.wait_for(reader.readuntil(b"\r\n"), 10), 16)
+                    chunk = await asyncio.wait_for(reader.readexactly(size + 2), 10)
+                    if size == 0:
+                        break
+                    body += chunk[:-2]
+            elif length := re.search(rb"content-length: *(\d+)", head.lower()):
+                body = await asyncio.wait_for(reader.readexactly(int(length[1])), 10)
+            self.bodies.append(body)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _post(ex: Exchange, fields: bytes, *parts: bytes) -> bytes:
+    """A raw POST /up with these header fields and body bytes; the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+    try:
+        writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" + fields + b"\r\n")
+        for part in parts:
+            writer.write(part)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.transport.abort()
+
+
+@pytest.mark.parametrize(
+    ("fields", "body", "framing"),
+    [
+        (b"Content-Length: 16\r\n", b"10\r\n", b"content-length: 16\r\n"),
+        (b"Content-Length: 17\r\n", b"11\r\n", b"transfer-encoding: chunked\r\n"),
+        (b"Transfer-Encoding: chunked\r\n", b"10\r\n", b"content-length: 16\r\n"),
+        (b"Transfer-Encoding: chunked\r\n", b"11\r\n", b"transfer-encoding: chunked\r\n"),
+    ],
+)
+async def test_a_body_that_fits_the_buffer_exactly_goes_upstream_with_its_length(
+    fields: bytes, body: bytes, framing: bytes
+) -> None:
+    """GATEWAY_BUFFER_BODY_BYTES is inclusive: a body of exactly that size is
+    buffered and sent with its Content-Length; one byte more streams
+    (chunked, RFC 9112 §7.1), whether the client declared its length or not."""
+    size = int(body.strip(), 16)
+    data = b"".join(bytes([97 + i % 26]) for i in range(size))
+    payload = body + data + b"\r\n0\r\n\r\n" if b"chunked" in fields else data
+    async with RecordingUpstream() as up, exchange(up.url, buffer_body_bytes=16) as ex:
+        answer = await _post(ex, fields, payload)
+    assert parse_head(answer)[0] == 200
+    assert framing in up.heads[0]
+    assert up.bodies == [data]
+
+
+@pytest.mark.parametrize("buffer_bytes", [16, 32])
+@pytest.mark.parametrize(("size", "status"), [(32, 200), (33, 413)])
+async def test_the_body_limit_is_inclusive_buffered_or_streamed(
+    buffer_bytes: int, size: int, status: int
+) -> None:
+    async with (
+        RecordingUpstream() as up,
+        exchange(up.url, max_body_bytes=32, buffer_body_bytes=buffer_bytes) as ex,
+    ):
+        answer = await _post(ex, f"Content-Length: {size}\r\n".encode(), b"x" * size)
+    assert parse_head(answer)[0] == status
+    if status == 200:
+        assert up.bodies == [b"x" * size]
+
+
+async def test_the_body_limit_counts_every_chunk_not_the_last_one() -> None:
+    async with (
+        RecordingUpstream() as up,
+        exchange(up.url, max_body_bytes=2048, buffer_body_bytes=16) as ex,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"64\r\n" + b"x" * 100 + b"\r\n")  # past the buffer: streams
+            await writer.drain()
+            await _wait_for(lambda: bool(up.heads))  # the first 100 bytes were read
+            # 2000 bytes: under the limit alone, 2100 with the first ones.
+            writer.write(b"7d0\r\n" + b"x" * 2000 + b"\r\n0\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            writer.transport.abort()
+    assert parse_head(answer)[0] == 413
+    assert ex.outcomes == [proxy.Failure(413, "request body too large", "413")]
+
+
+async def test_a_request_with_a_body_to_an_unreachable_upstream_is_a_502_not_a_408() -> None:
+    async with exchange(f"http://127.0.0.1:{free_port()}") as ex:
+        answer = await _post(ex, b"Content-Length: 3\r\n", b"abc")
+    assert parse_head(answer)[0] == 502
+    assert ex.outcomes == [proxy.Failure(502, "upstream unreachable", "ClientConnectorError")]
+
+
+async def test_stall_timer_measures_each_await_from_its_own_start() -> None:
+    """The one timer armed by the first await fires while a later one is
+    pending: that one has waited less than ``timeout_s``, so it goes on, and
+    the timer sleeps until that await's own deadline (no busy re-checks)."""
+    timer = proxy.StallTimer(2.0)
+    try:
+        await timer.wait(asyncio.sleep(1.0))
+        started, cpu_s = time.monotonic(), time.process_time()
+        # Pending from 1.0 s to 2.6 s: the timer fires at 2.0 s and re-arms for 3.0 s.
+        assert await timer.wait(asyncio.sleep(1.6, result="done")) == "done"
+        assert time.monotonic() - started >= 1.6
+        assert time.process_time() - cpu_s < 0.2
+    finally:
+        timer.stop()
+
+
+async def test_a_declared_length_over_the_buffer_streams_before_the_body_is_all_there() -> None:
+    """Content-Length above GATEWAY_BUFFER_BODY_BYTES: the upstream call
+    starts at once, nothing is held back to fill the buffer first."""
+    async with RecordingUpstream() as up, exchange(up.url, buffer_body_bytes=16) as ex:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
+            writer.write(b"x" * 10)  # less than the buffer
+            await writer.drain()
+            await _wait_for(lambda: bool(up.heads), timeout_s=3)
+            writer.write(b"x" * 4990)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            writer.transport.abort()
+    assert parse_head(answer)[0] == 200
+    assert b"transfer-encoding: chunked\r\n" in up.heads[0]
+    assert up.bodies == [b"x" * 5000]
+
+
+async def test_the_upstream_pool_opens_at_most_max_connections() -> None:
+    """GATEWAY_MAX_CONNECTIONS bounds the upstream pool: a second request
+    waits for the first one's connection instead of opening another."""
+    release = asyncio.Event()
+
+    async def held(head: bytes, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        await send(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    async with (
+        ScriptedUpstream({"/held": held}) as up,
+        exchange(up.url, max_connections=1) as ex,
+    ):
+        first = asyncio.create_task(_get(ex, "/held?1"))
+        second = asyncio.create_task(_get(ex, "/held?2"))
+        await _wait_for(lambda: len(up.requests) == 1)
+        # A negative check: the second request must not reach the upstream
+        # while the only connection is busy (it would within milliseconds).
+        with pytest.raises(AssertionError):
+            await _wait_for(lambda: len(up.requests) > 1, timeout_s=0.3)
+        release.set()
+        answers = await asyncio.gather(first, second)
+    assert [parse_head(a)[2] for a in answers] == [b"ok", b"ok"]
+    assert len(up.requests) == 2
+
+
+async def test_stall_timer_lets_a_real_cancellation_through_and_rearms_after_stop() -> None:
+    timer = proxy.StallTimer(0.2)
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(timer.wait(never))
+    await asyncio.sleep(0)
+    task.cancel()  # the client went away: not a stall
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    timer.stop()
+    # stop() between two bodies: the next await is bounded again.
+    with pytest.raises(TimeoutError):
+        await timer.wait(asyncio.get_running_loop().create_future())
+    timer.stop()
+
+
+async def test_a_buffered_body_cut_short_by_the_client_is_a_400() -> None:
+    """The client declares 10 bytes, sends 3 and ends its side: the body is
+    incomplete (RFC 9112 §6.3), the client's fault; nothing goes upstream."""
+    async with RecordingUpstream() as up, exchange(up.url) as ex:
+        _, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+            writer.write_eof()
+            await writer.drain()
+            await _wait_for(lambda: bool(ex.outcomes))
+        finally:
+            writer.transport.abort()
+    assert ex.outcomes == [proxy.Failure(400, "request body incomplete", "ConnectionResetError")]
+    assert up.heads == []
+
+
+async def test_concurrent_requests_each_get_an_upstream_connection_below_the_limit() -> None:
+    """No per-host cap under GATEWAY_MAX_CONNECTIONS: the one upstream gets
+    as many parallel connections as the pool allows."""
+    release = asyncio.Event()
+
+    async def held(head: bytes, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        await send(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    async with (
+        ScriptedUpstream({"/held": held}) as up,
+        exchange(up.url, max_connections=3) as ex,
+    ):
+        tasks = [asyncio.create_task(_get(ex, f"/held?{i}")) for i in range(3)]
+        await _wait_for(lambda: len(up.requests) == 3)  # all three at once
+        release.set()
+        answers = await asyncio.gather(*tasks)
+    assert [parse_head(a)[2] for a in answers] == [b"ok"] * 3

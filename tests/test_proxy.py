@@ -1041,8 +1041,9 @@ def test_response_headers_refuse_values_with_cr_or_lf() -> None:
 
     for value in ("a\r\nInjected: 1", "a\rb", "a\nb"):
         upstream = CIMultiDictProxy(CIMultiDict([("X-A", value)]))
-        with pytest.raises(proxy.BadUpstreamHeader, match="CR or LF"):
+        with pytest.raises(proxy.BadUpstreamHeader) as caught:
             proxy.response_headers(upstream)
+        assert str(caught.value) == "upstream sent header 'X-A' that holds CR or LF"
 
 
 @settings(
@@ -1220,3 +1221,35 @@ def test_a_non_utf8_upstream_header_is_named_in_the_error() -> None:
     with pytest.raises(proxy.BadUpstreamHeader) as caught:
         proxy.response_headers(upstream)
     assert "'X-Bad'" in str(caught.value)
+    assert caught.value.name == "X-Bad"
+
+
+def test_a_long_upstream_header_name_is_cut_to_64_characters_in_the_error() -> None:
+    name = "X-" + "n" * 98
+    upstream = CIMultiDictProxy(CIMultiDict([(name, "\udcff")]))
+    with pytest.raises(proxy.BadUpstreamHeader) as caught:
+        proxy.response_headers(upstream)
+    assert str(caught.value) == f"upstream sent header {name[:64]!r} that is not UTF-8"
+
+
+@pytest.mark.parametrize(
+    ("hosts", "expected"),
+    [
+        (["app.example:8443"], "app.example:8443"),
+        (["[::1]:8080"], "[::1]:8080"),
+        ([], None),  # the upstream's own
+        (["a.example", "b.example"], None),  # RFC 9112 §3.2: several Host lines
+        (["app.example/evil"], None),  # only a whole uri-host[:port] counts
+        (["app.example:123456"], None),
+        (["app example"], None),
+    ],
+)
+def test_preserve_host_passes_on_only_one_well_formed_host(
+    hosts: list[str], expected: str | None
+) -> None:
+    request = _client([("Host", h) for h in hosts])
+    fwd = proxy.forwarding(request, 0)
+    assert proxy.preserved_host(request) == expected
+    out = proxy.upstream_request_headers(request, fwd, preserve_host=True)
+    assert out.get("Host") == expected
+    assert "Host" not in proxy.upstream_request_headers(request, fwd)

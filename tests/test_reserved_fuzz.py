@@ -156,7 +156,12 @@ def beacon_bodies(draw: st.DrawFn, entry: dict[str, Any]) -> bytes:
             value = draw(HOSTILE)
             mutated["marks"] = dict.fromkeys(marks, value)
         elif field == "tok_char":  # a real token with one character changed
-            tok = mutated["tok"] if isinstance(mutated["tok"], str) else entry["tok"]
+            # An earlier draw may have made tok "" or a non-string: change the real one then.
+            tok = (
+                mutated["tok"]
+                if isinstance(mutated["tok"], str) and mutated["tok"]
+                else entry["tok"]
+            )
             i = draw(st.integers(0, len(tok) - 1))
             mutated["tok"] = tok[:i] + draw(st.characters()) + tok[i + 1 :]
         else:

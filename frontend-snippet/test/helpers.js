@@ -16,9 +16,16 @@ const NAMES = [
 ];
 const END = /\}\)\(\);\s*$/;
 
+// Under Stryker (make mutate) the closure's body is wrapped in one more block,
+// `{ if (stryMutAct_9fa48("0")) {} else { … } }`: the exports go inside it.
+const INSTRUMENTED_END = /\}\s*\}\)\(\);\s*$/;
+
 const source = fs.readFileSync(FILE, "utf8");
 if (!END.test(source)) throw new Error("snippet.js must end with the end of its closure, })();");
-const withExports = source.replace(END, `module.exports = { ${NAMES.join(", ")} };\n})();\n`);
+const exportsLine = `module.exports = { ${NAMES.join(", ")} };\n`;
+const withExports = source.includes("stryMutAct_9fa48(")
+  ? source.replace(INSTRUMENTED_END, `${exportsLine}}\n})();\n`)
+  : source.replace(END, `${exportsLine}})();\n`);
 const helpers = { exports: {} };
 vm.runInThisContext(`(function (module) {${withExports}})`, { filename: FILE })(helpers);
 module.exports = helpers.exports;

@@ -22,6 +22,8 @@ const FOOTER =
   "\nexport const init = (options) => api.init(Object.assign({ allowedOrigins }, options));" +
   "\nexport default Object.assign({}, api, { init });\n";
 const MARKER = "/*@gateway-allowed-origins*/ null";
+// Stryker's instrumenter (make mutate) prints the marker without the space.
+const MARKER_IN_SRC = /\/\*@gateway-allowed-origins\*\/\s*null/g;
 const fetchBeforeLoad = globalThis.fetch;
 const S = require("./helpers.js");
 
@@ -49,7 +51,7 @@ test("the file is plain ES2017, as a classic script and as the .mjs the gateway 
   // The module footer reads import.meta (ES2020): browsers with modules have it.
   acorn.parse(SRC + FOOTER, { ecmaVersion: 2020, sourceType: "module" });
   // Where the gateway writes its allow-list: once in the file, once in the footer.
-  assert.equal(SRC.split(MARKER).length, 2);
+  assert.equal(SRC.match(MARKER_IN_SRC).length, 1);
   assert.equal(FOOTER.split(MARKER).length, 2);
   // The check bites: optional catch binding is ES2019.
   assert.throws(() => acorn.parse("try {} catch {}", { ecmaVersion: 2017 }));
@@ -248,7 +250,10 @@ const OFFSET = 4321.5; // gateway clock − page clock
 const PAGE = "http://page.test";
 const GW = "http://gw.test:8080";
 
-function page({ script = null, refuse = [], rt = true, hold = false, src = SRC } = {}) {
+// clockEntry(entry): the Resource Timing entry of a clock request as the
+// browser gives it; buffered: a request's entry is in the buffer before its
+// response is handled; noFetch / noDocument: a page without them.
+function page({ script = null, refuse = [], rt = true, hold = false, src = SRC, clockEntry = (e) => e, buffered = false, noFetch = false, noDocument = false } = {}) {
   const held = []; // with hold, clock answers wait here until released
   const clk = { perf: 1000, jump: 0 };
   const calls = []; // what reached the page's original fetch
@@ -301,10 +306,11 @@ function page({ script = null, refuse = [], rt = true, hold = false, src = SRC }
     if (hold && req.url.includes("/__gateway/clock")) await new Promise((r) => held.push(r));
     const { out, entry } = exchange(req.url, req.headers);
     if (!req.url.includes("/__gateway/")) last.entry = entry;
+    if (buffered && !req.url.includes("/__gateway/")) entries.push(entry);
     const res = new Response(req.url.includes("/__gateway/") ? null : "{}", { status: req.url.includes("/__gateway/") ? 204 : 200, headers: out });
     // As in Chromium, the entry is in the buffer once the body has been read.
     const read = res.arrayBuffer.bind(res);
-    res.arrayBuffer = () => read().then((b) => (rt && req.url.includes("/__gateway/clock") && entries.push(entry), b));
+    res.arrayBuffer = () => read().then((b) => (rt && req.url.includes("/__gateway/clock") && entries.push(clockEntry(entry)), b));
     return res;
   };
   const last = { entry: null };
@@ -330,7 +336,7 @@ function page({ script = null, refuse = [], rt = true, hold = false, src = SRC }
   const document = Object.assign(new EventTarget(), { currentScript: script, baseURI: PAGE + "/app/", hidden: false });
   const pushed = []; // what reached the page's history.pushState: [this, args]
   const ctx = {
-    document,
+    document: noDocument ? undefined : document,
     history: { pushState(...args) { pushed.push([this, args]); } },
     location: { origin: PAGE, href: PAGE + "/app/" },
     navigator: { sendBeacon: (u, blob) => (beacons.push({ u, blob }), !beacons.refuse) },
@@ -340,7 +346,7 @@ function page({ script = null, refuse = [], rt = true, hold = false, src = SRC }
       observe(opt) { observed.push(plain(opt)); }
     },
     Date: { now: () => now() + clk.jump },
-    fetch: fakeFetch,
+    fetch: noFetch ? undefined : fakeFetch,
     XMLHttpRequest: XHR,
     // A page's Request resolves relative URLs against its base URL; Node's has none.
     Request: class extends Request {
@@ -805,7 +811,7 @@ test("beacon: off when asked, and never for a page-made traceparent", async () =
 // -- the first request: the allow-list the gateway serves ---------------------------------
 
 /** snippet.js as the gateway serves it, with this allow-list pattern. */
-const served = (pattern) => SRC.replace(MARKER, MARKER.replace("null", JSON.stringify(pattern)));
+const served = (pattern) => SRC.replace(MARKER_IN_SRC, MARKER.replace("null", JSON.stringify(pattern)));
 const CLASSIC = { src: GW + "/__gateway/snippet.js", dataset: {} };
 const pageCalls = (p) => p.calls.filter((c) => !String(c.input).includes("/__gateway/"));
 
@@ -1025,4 +1031,185 @@ test("LatencyGateway.requests keeps the last 50", async () => {
   assert.equal(p.api.requests.length, 50);
   assert.equal(p.api.requests[0].url, PAGE + "/api/x?n=1");
   assert.equal(p.api.requests[49].url, PAGE + "/api/x?n=50");
+});
+
+// -- cases the second `make mutate` found unguarded -----------------------------------------
+
+/** Poll cond until it holds, with a real-time deadline (for the snippet's own timers). */
+async function within(ms, cond, what) {
+  const deadline = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > deadline) assert.fail("timed out waiting for " + what);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+const clockRequests = (p) => p.calls.filter((c) => String(c.input).includes("/__gateway/clock")).length;
+
+test("sync burst: a Resource Timing mark the browser withheld (0) means JS times, not a 0 on C", async () => {
+  for (const withheld of [{ requestStart: 0, responseStart: 0 }, { requestStart: 0 }, { responseStart: 0 }]) {
+    const p = page({ clockEntry: (e) => ({ ...e, ...withheld }) });
+    await synced(p);
+    assert.deepEqual(plain(p.api.clock().best), { off: OFFSET, d: 20, at: EPOCH + 1000 + 5 * 22 }, JSON.stringify(withheld));
+  }
+});
+
+test("a clock jump of exactly one second keeps C and its samples; past one second, either way, re-anchors", async () => {
+  for (const [jump, reanchored] of [[1000, false], [-1000, false], [1000.5, true], [-1000.5, true]]) {
+    const p = page();
+    await synced(p);
+    p.clk.jump = jump;
+    const perfAtSend = p.clk.perf;
+    await p.ctx.fetch(GW + "/api/x");
+    const h = sent(p.calls.find((c) => typeof c.input != "string"));
+    assert.equal(+h["x-client-timestamp"], EPOCH + perfAtSend + (reanchored ? jump : 0), String(jump));
+    assert.equal(h["x-client-clock"] === undefined, reanchored, String(jump));
+    await settle();
+    await settle();
+    assert.equal(clockRequests(p) > 0, reanchored, `a fresh burst after a jump of ${jump} ms`);
+  }
+});
+
+test("a response whose entry is already in the buffer is matched at once (no observer call)", async () => {
+  const p = page({ buffered: true });
+  await synced(p);
+  await p.ctx.fetch(GW + "/api/x");
+  await settle();
+  assert.deepEqual(p.events.map((e) => e.rtt), [null, 18]);
+});
+
+test("the last 50 requests wait for their Resource Timing entry", async () => {
+  const p = page();
+  await synced(p);
+  const entries = [];
+  for (let i = 0; i < 51; i++) {
+    await p.ctx.fetch(GW + "/api/x?n=" + i);
+    entries.push(p.lastEntry());
+  }
+  await settle();
+  p.observe(entries[0]); // the 51st pushed the first one out
+  assert.equal(p.events.filter((e) => e.rtt != null).length, 0);
+  p.observe(entries[1]); // the oldest one still waiting
+  assert.deepEqual(p.events.filter((e) => e.rtt != null).map((e) => e.url), [GW + "/api/x?n=1"]);
+});
+
+test("Server-Timing without a traceparent metric: the entry is matched by URL", async () => {
+  const p = page();
+  await synced(p);
+  await p.ctx.fetch(GW + "/u");
+  await settle();
+  p.observe({ ...p.lastEntry(), serverTiming: [{ name: "gw", duration: 2, description: "" }] });
+  assert.equal(p.events[1].rtt, 18);
+});
+
+test("Server-Timing with two traceparent metrics (the backend's, the gateway's): either one matches", async () => {
+  const p = page();
+  await synced(p);
+  await p.ctx.fetch(GW + "/u");
+  await settle();
+  const entry = p.lastEntry();
+  const backend = { name: "traceparent", duration: 0, description: "00-" + "12".repeat(16) + "-" + "34".repeat(8) + "-01" };
+  p.observe({ ...entry, serverTiming: [backend, ...entry.serverTiming] });
+  assert.equal(p.events[1].rtt, 18);
+});
+
+test("zero timings without Timing-Allow-Origin: no rtt, no pre, no X-Client-Prev", async () => {
+  for (const zero of [{ requestStart: 0, responseStart: 0 }, { requestStart: 0 }, { responseStart: 0 }]) {
+    const p = page();
+    await synced(p);
+    await p.ctx.fetch(GW + "/api/x");
+    await settle();
+    p.observe({ ...p.lastEntry(), ...zero });
+    assert.equal(p.events.length, 2, "the entry is matched");
+    assert.deepEqual([p.events[1].rtt, p.events[1].pre], [null, null], JSON.stringify(zero));
+    await p.ctx.fetch(GW + "/api/y");
+    assert.equal(sent(p.calls[1])["x-client-prev"], undefined, JSON.stringify(zero));
+  }
+});
+
+test("without the gateway's own time (a stale answer), an entry gives no rtt", async () => {
+  const p = page();
+  await synced(p);
+  p.gw.tsOverride = 1234;
+  await p.ctx.fetch(GW + "/api/cached");
+  await settle();
+  p.observe({ ...p.lastEntry(), serverTiming: [] });
+  assert.equal(p.events.length, 2, "the entry is matched by URL");
+  assert.deepEqual([p.events[1].gw, p.events[1].rtt, p.events[1].pre], [null, null, null]);
+});
+
+test("beacon: entries go together after flushMs, on one timer", async () => {
+  const p = page();
+  await synced(p, GW, { flushMs: 40 });
+  for (const path of ["/api/a", "/api/b"]) {
+    await p.ctx.fetch(GW + path);
+    await settle();
+    p.observe();
+  }
+  assert.equal(p.beacons.length, 0, "not before flushMs");
+  await within(2000, () => p.beacons.length > 0, "the flush timer");
+  assert.deepEqual(JSON.parse(p.beacons[0].blob).e.map((e) => e.u), [GW + "/api/a", GW + "/api/b"]);
+  await new Promise((r) => setTimeout(r, 80));
+  assert.equal(p.beacons.length, 1, "one timer, one body");
+});
+
+test("beacon: a body of exactly 60 KB goes; one byte more, a single entry is dropped", async () => {
+  const bodies = async (pad) => {
+    const p = page();
+    await synced(p);
+    await p.ctx.fetch(GW + "/api/" + "x".repeat(pad));
+    await settle();
+    p.observe();
+    p.api.flush();
+    return p.beacons.map((b) => b.blob.length);
+  };
+  const [small] = await bodies(100); // the body grows by one byte a URL character
+  const pad = 100 + 60000 - small;
+  assert.deepEqual(await bodies(pad), [60000]);
+  assert.deepEqual(await bodies(pad + 1), [], "a single entry over 60 KB cannot be halved");
+});
+
+test("a page without fetch is left alone: nothing wrapped, no burst", async () => {
+  const p = page({ noFetch: true });
+  const open = p.ctx.XMLHttpRequest.prototype.open;
+  p.api.init({ gatewayOrigins: [GW] });
+  p.api.init({ gatewayOrigins: [GW] });
+  await settle();
+  assert.equal(p.ctx.fetch, undefined);
+  assert.equal(p.ctx.XMLHttpRequest.prototype.open, open);
+  assert.equal(p.api.clock(GW), null);
+});
+
+test("without a document (a worker) init does nothing, even when called twice", async () => {
+  const p = page({ noDocument: true });
+  p.api.init({ gatewayOrigins: [GW] });
+  p.api.init({ gatewayOrigins: [GW] });
+  await settle();
+  assert.equal(p.ctx.fetch, p.fakeFetch);
+  assert.equal(p.calls.length, 0);
+  assert.equal(p.api.clock(GW), null);
+});
+
+test("a classic script: the beacon is on by default, data-beacon=\"off\" turns it off", async () => {
+  for (const [dataset, expected] of [[{}, 1], [{ beacon: "off" }, 0], [{ beacon: "" }, 1]]) {
+    const p = page({ script: { src: GW + "/__gateway/snippet.js", dataset } });
+    await until(() => clockRequests(p) == 5, "the burst");
+    await settle();
+    p.calls.length = 0;
+    await p.ctx.fetch(GW + "/api/x");
+    await settle();
+    p.observe();
+    p.api.flush();
+    assert.equal(p.beacons.length, expected, JSON.stringify(dataset));
+  }
+});
+
+test("without serverTiming an entry goes to the request with its URL, not to the oldest one waiting", async () => {
+  const p = page();
+  await synced(p);
+  await p.ctx.fetch(GW + "/a");
+  await p.ctx.fetch(GW + "/b");
+  const entryB = { ...p.lastEntry(), serverTiming: [] };
+  await settle();
+  p.observe(entryB);
+  assert.deepEqual(p.events.filter((e) => e.rtt != null).map((e) => e.url), [GW + "/b"]);
 });
