@@ -26,7 +26,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from opentelemetry.trace import TracerProvider as ApiTracerProvider
 
@@ -130,17 +130,46 @@ class Reserved:
             self.versioned_snippet = ((source, etag_of(source)), (module, etag_of(module)))
 
     def add_routes(self, router: web.UrlDispatcher, prefix: str) -> None:
-        router.add_get(prefix + "health", self.health, allow_head=True)
-        router.add_get(prefix + "ready", self.ready, allow_head=True)
-        router.add_get(prefix + "clock", self.clock, allow_head=True)
-        router.add_get(prefix + "snippet.js", self.snippet_file, allow_head=True)
-        router.add_get(prefix + "snippet.mjs", self.snippet_file, allow_head=True)
+        expect = self.expect
+        router.add_get(prefix + "health", self.health, allow_head=True, expect_handler=expect)
+        router.add_get(prefix + "ready", self.ready, allow_head=True, expect_handler=expect)
+        router.add_get(prefix + "clock", self.clock, allow_head=True, expect_handler=expect)
+        router.add_get(
+            prefix + "snippet.js", self.snippet_file, allow_head=True, expect_handler=expect
+        )
+        router.add_get(
+            prefix + "snippet.mjs", self.snippet_file, allow_head=True, expect_handler=expect
+        )
         for suffix in (".js", ".mjs"):
             path = prefix + VERSIONED_SNIPPET + suffix
-            router.add_get(path, self.versioned_snippet_file, allow_head=True)
-        router.add_post(prefix + "beacon", self.beacon)
-        router.add_route("OPTIONS", prefix + "{tail:.*}", self.reserved_preflight)
-        router.add_route("*", prefix + "{tail:.*}", self.reserved_not_found)
+            router.add_get(
+                path, self.versioned_snippet_file, allow_head=True, expect_handler=expect
+            )
+        router.add_post(prefix + "beacon", self.beacon, expect_handler=expect)
+        router.add_route(
+            "OPTIONS", prefix + "{tail:.*}", self.reserved_preflight, expect_handler=expect
+        )
+        router.add_route("*", prefix + "{tail:.*}", self.reserved_not_found, expect_handler=expect)
+
+    async def expect(self, request: web.Request) -> None:
+        """``Expect`` on our own endpoints: 100 (Continue) only for a beacon
+        small enough to take (RFC 9110 §10.1.1: a server that refuses from the
+        head may answer at once); any other expectation is 417 with a fixed
+        text. aiohttp's default echoes the header's value into its answer and
+        raised on a value it could not encode: a 500 and a traceback for any
+        client (found by tests/test_reserved_fuzz.py)."""
+        if request.version != HttpVersion11:
+            return
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only 100-continue is supported")
+        declared = request.content_length
+        if request.method != "POST" or (
+            declared is not None and declared > beacon.MAX_BEACON_BYTES
+        ):
+            return
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # The interim response is not part of the final one's size.
+        request.writer.output_size = 0
 
     async def health(self, request: web.Request) -> web.Response:
         """Liveness: 200 while this process serves, whatever the upstream does.

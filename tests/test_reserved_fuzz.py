@@ -254,3 +254,22 @@ def test_the_bound_entry_itself_reaches_the_window_check(
     status, _, payload = parse_head(raw_request(gateway_proc.port, head.encode() + body))
     assert status == 202
     assert json.loads(payload) == {"accepted": 0, "dropped": {"window": 1}}
+
+
+@pytest.mark.parametrize(
+    "expect", [b"100-continue", b"x\x80\xff", b"bogus", b"\xed\xa0\x80-continue"]
+)
+def test_any_expect_on_the_reserved_prefix_is_answered_without_a_traceback(
+    gateway_proc: Process, expect: bytes
+) -> None:
+    for path in (b"/__gateway/health", b"/__gateway/beacon", b"/__gateway/nope"):
+        request = (
+            b"POST "
+            + path
+            + b" HTTP/1.1\r\nHost: x\r\nExpect: "
+            + expect
+            + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )
+        data = raw_request(gateway_proc.port, request)
+        status = int(data.split(b" ", 2)[1]) if data else 0
+        assert 0 < status < 500, data[:300]
