@@ -184,6 +184,21 @@ EQUIVALENT: Final[dict[str, str]] = {
     ),
     "gateway.proxy.x_drop_default_headers__mutmut_17": HEADER_CASE,
     "gateway.proxy.x_drop_default_headers__mutmut_18": HEADER_CASE,
+    **{
+        f"gateway.beacon.x__gateway_sampled__mutmut_{n}": (
+            "build_span already refused an entry without a valid traceparent, and the span"
+            " it made always has a context: the guard is defensive"
+        )
+        for n in (7, 10)
+    },
+    **{
+        f"gateway.beacon.x__gateway_sampled__mutmut_{n}": (
+            "the SDK's samplers read only the trace id and the parent's sampled flag:"
+            " ParentBased from OTEL_TRACES_SAMPLER treats remote and local parents alike,"
+            " and none reads the span's name or kind"
+        )
+        for n in (14, 20, 24, 25, 28, 29)
+    },
     "gateway.proxy.x_build_session__mutmut_7": (
         "limit_per_host=0 is TCPConnector's default (no per-host limit)"
     ),

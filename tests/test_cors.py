@@ -304,3 +304,32 @@ def test_merge_preflight_leaves_a_wildcard_grant_alone() -> None:
     )
     Cors.merge_preflight(headers, PAGE)
     assert headers.getall("Access-Control-Allow-Headers") == ["x-a, *"]
+
+
+def test_the_browser_pattern_gives_the_same_verdicts_as_the_gateway() -> None:
+    """The allow-list the gateway writes into the snippet it serves: one
+    anchored pattern, exact origins escaped, ``*`` one DNS label."""
+    import re
+
+    cors = Cors(("https://b.example", "http://a.example:8080", "https://*.example.com"))
+    pattern = cors.browser_pattern()
+    assert pattern is not None
+    assert pattern.startswith("^(?:http://a\\.example:8080|https://b\\.example|https://")
+    assert pattern.endswith("\\.example\\.com)$")
+    for origin in [
+        "https://b.example",
+        "http://a.example:8080",
+        "https://app.example.com",
+        "https://x.example",
+        "http://a.example",
+        "https://a.b.example.com",
+        "https://.example.com",
+        "https://b.example.evil",
+        "xhttps://b.example",
+        "https://bxexample",
+    ]:
+        assert bool(re.fullmatch(pattern, origin)) == bool(re.search(pattern, origin))
+        request = make_mocked_request("GET", "/", headers={"Origin": origin})
+        assert bool(re.search(pattern, origin)) == (cors.origin(request) is not None), origin
+    assert Cors(()).browser_pattern() is None
+    assert Cors(("https://*.example.com",)).browser_pattern() is not None
