@@ -75,7 +75,7 @@ build: $(VENV)/.dev  ## the wheel and sdist into dist/ (python -m build)
 # over the snippet; MUTATION_ARGS=--keep reuses mutmut's cache in ./mutants.
 MUTATION_ARGS ?=
 .PHONY: mutate
-mutate: $(VENV)/.dev frontend-snippet/node_modules/.installed  ## mutation testing (~30 min): writes benchmarks/MUTATION.md
+mutate: $(VENV)/.dev frontend-snippet/node_modules/.installed  ## mutation testing (~45 min): writes benchmarks/MUTATION.md
 	$(PY) benchmarks/mutation.py $(MUTATION_ARGS)
 
 format: $(VENV)/.dev  ## apply ruff's fixes and formatting
