@@ -42,7 +42,10 @@ def test_no_file_cites_a_document_outside_the_repository() -> None:
     tracked = subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
-    outside = ("../shared", "shared/DESIGN", "DESIGN.md", "DESIGN §", "STYLE.md")
+    # The design and style documents the project grew from live outside the
+    # repository; built from parts so that this file does not cite them.
+    design, style = "DE" + "SIGN", "ST" + "YLE"
+    outside = ("../" + "shared", f"shared/{design}", f"{design}.md", f"{design} §", f"{style}.md")
     offenders = []
     for name in tracked:
         path = ROOT / name
@@ -63,7 +66,7 @@ def test_no_file_cites_a_document_outside_the_repository() -> None:
             "",
         }:
             continue
-        if name == "tests/test_layout.py" or not path.is_file():
+        if not path.is_file():
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         offenders += [f"{name}: {needle}" for needle in outside if needle in text]
