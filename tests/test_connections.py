@@ -34,7 +34,7 @@ from latency_common.logs import RateLimitFilter
 from tests.conftest import GatewayFactory, Traced
 from tests.otlp_receiver import OtlpReceiver
 from tests.servers import ROOT, BackendThread, Process, free_port, parse_head
-from tests.upstream import ScriptedUpstream, fixed
+from tests.upstream import LoopbackServer, ScriptedUpstream, fixed
 
 CLIENT_TIMEOUT_S = 1.0
 #: Scheduling slack on a loaded 2-core machine.
@@ -183,7 +183,7 @@ async def test_stalled_small_body_is_408_and_never_forwarded(
     assert (server.attributes or {})["http.response.status_code"] == 408
 
 
-class _RecordingUpstream:
+class _RecordingUpstream(LoopbackServer):
     """A raw upstream that records what arrives and when its connection ends.
 
     ``answer`` is sent once the request head has arrived; with ``endless``
@@ -191,24 +191,13 @@ class _RecordingUpstream:
     """
 
     def __init__(self, answer: bytes = b"", *, endless: bool = False) -> None:
+        super().__init__()
         self.answer = answer
         self.endless = endless
         self.received = b""
         self.head_seen = asyncio.Event()
         self.closed = asyncio.Event()
         self.closed_at = 0.0
-        self._server: asyncio.Server | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> _RecordingUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

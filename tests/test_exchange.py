@@ -26,41 +26,23 @@ from yarl import URL
 from gateway import proxy
 from gateway.config import GatewayConfig
 from tests.servers import free_port, parse_head
-from tests.upstream import ScriptedUpstream, fixed, send, stall
+from tests.upstream import LoopbackServer, ScriptedUpstream, fixed, send, stall
 
 Outcome = proxy.Failure | proxy.Relayed
 
 
-class KeepAliveUpstream:
+class KeepAliveUpstream(LoopbackServer):
     """A raw upstream that answers many requests per connection (the bytes
     for each path), and records which connection each request came on."""
 
     def __init__(self, answers: dict[str, bytes]) -> None:
+        super().__init__()
         self.answers = answers
         #: (connection number, path) per request received.
         self.seen: list[tuple[int, str]] = []
         self._connections = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.url = ""
-
-    async def __aenter__(self) -> KeepAliveUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         self._connections += 1
         number = self._connections
         try:
@@ -70,10 +52,9 @@ class KeepAliveUpstream:
                 self.seen.append((number, path))
                 writer.write(self.answers[path])
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, asyncio.CancelledError):
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass
         finally:
-            self._tasks.discard(task)
             writer.transport.abort()
 
 
@@ -493,24 +474,13 @@ async def test_a_client_that_disconnects_mid_body_is_reported_as_gone() -> None:
 # -- the request body: buffer and limit bounds --------------------------------------
 
 
-class RecordingUpstream:
+class RecordingUpstream(LoopbackServer):
     """Keeps each request's head (as soon as it is read) and body, answers 200."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.heads: list[bytes] = []
         self.bodies: list[bytes] = []
-        self._server: asyncio.Server | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> RecordingUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -10,45 +10,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from typing import Self
 
 Script = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 
 
-class ScriptedUpstream:
-    def __init__(self, scripts: dict[str, Script]) -> None:
-        self.scripts = scripts
-        self.requests: list[bytes] = []
+class LoopbackServer:
+    """A raw asyncio TCP server on an ephemeral loopback port, for
+    ``async with``: each connection goes to :meth:`_serve`, and whatever is
+    still running at exit is cancelled, so no test leaves a handler behind."""
+
+    def __init__(self) -> None:
         self._server: asyncio.Server | None = None
-        self._stalled: list[asyncio.StreamWriter] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.url = ""
 
-    async def __aenter__(self) -> ScriptedUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._tracked, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
-        for writer in self._stalled:
-            writer.transport.abort()
+        self._closing()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _closing(self) -> None:
+        """Called at exit before the handlers are cancelled."""
+
+    async def _tracked(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
-            await self._answer(reader, writer)
+            await self._serve(reader, writer)
         except asyncio.CancelledError:
             pass
         finally:
             self._tasks.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class ScriptedUpstream(LoopbackServer):
+    def __init__(self, scripts: dict[str, Script]) -> None:
+        super().__init__()
+        self.scripts = scripts
+        self.requests: list[bytes] = []
+        self._stalled: list[asyncio.StreamWriter] = []
+
+    def _closing(self) -> None:
+        for writer in self._stalled:
+            writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._answer(reader, writer)
+        finally:
             writer.transport.abort()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
