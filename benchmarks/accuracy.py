@@ -178,7 +178,7 @@ class _Echo:
         self.sock.close()
 
 
-def relay_rtt_ms(relay_url: str, probes: int = 10) -> float:
+def relay_rtt_ms(relay_url: str, probes: int = 30) -> float:
     """The relay's actual round trip: median time for one byte to go through
     it to an echo server and back. It differs from up + down by the relay's
     own forwarding and wake-up lateness (well under 0.3 ms since it spins the
@@ -344,8 +344,12 @@ def _row(
         "prev_pre_ms": num(attrs.get("latency.pre_request_ms")),
         "sync_delay_ms": num(attrs.get("latency.sync_delay_ms")),
         "status": attrs.get("latency.status"),
+        "exported_ms": num(attrs.get("sink.received_ms")),
     }
 
+
+#: The gateway's span export interval in this section.
+SCHEDULE_DELAY_MS = 100
 
 #: Requests made, and not counted, before a cell's measured ones. The first
 #: request after a page load meets a machine still busy with that page load
@@ -537,7 +541,7 @@ def print_rows(summaries: list[dict[str, Any]]) -> None:
     header = (
         f"{'i':>2} {'new conn':>8} {'after burst':>11} {'pre':>6} {'uplink':>7} "
         f"{'real up':>7} {'excess':>7} {'→relay':>7} {'wake':>5} {'late':>5} {'→gw t1':>7} "
-        f"{'rtt (prev)':>10} {'page rtt':>8} {'gw':>5} {'relay+':>6} status"
+        f"{'rtt (prev)':>10} {'page rtt':>8} {'gw':>5} {'relay+':>6} {'export':>7} status"
     )
     for summary in summaries:
         print(
@@ -550,7 +554,15 @@ def print_rows(summaries: list[dict[str, Any]]) -> None:
         )
         print(header)
         up_ms = float(summary["path"].split("/")[0])
+        exports = sorted({r["exported_ms"] for r in summary["rows"] if r.get("exported_ms")})
         for row in summary["rows"]:
+            # The span export nearest this request's receipt (ms after t1;
+            # negative: before): the export thread holds the GIL to encode.
+            export = (
+                min((e - row["t1_ms"] for e in exports), key=abs)
+                if exports and row.get("t1_ms")
+                else None
+            )
 
             def f(value: Any, digits: int = 2) -> str:
                 return "-" if value is None else f"{value:.{digits}f}"
@@ -567,7 +579,7 @@ def print_rows(summaries: list[dict[str, Any]]) -> None:
                 f"{f(row.get('to_relay_ms')):>7} {f(row.get('relay_wake_ms')):>5} "
                 f"{f(row.get('relay_late_ms')):>5} {f(row.get('to_gateway_ms')):>7} "
                 f"{f(row['rtt_ms']):>10} {f(row['page_rtt_ms']):>8} {f(row['gw_ms']):>5} "
-                f"{f(row.get('relay_extra_ms')):>6} "
+                f"{f(row.get('relay_extra_ms')):>6} {f(export, 1):>7} "
                 f"{row['status']}"
             )
 
@@ -585,6 +597,11 @@ def main() -> int:
     parser.add_argument("--skews-s", default="-3600,0,5", help="page clock skews, seconds")
     parser.add_argument("--clicks", type=int, default=8, help="measured requests per cell")
     parser.add_argument("--json", type=Path, help="write the cells, rows included, here")
+    parser.add_argument(
+        "--schedule-delay-ms",
+        type=int,
+        help="the gateway's OTEL_BSP_SCHEDULE_DELAY (default: the bench's, SCHEDULE_DELAY_MS)",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     procs = Procs(workdir)
@@ -599,7 +616,7 @@ def main() -> int:
                 upstream.url,
                 workers=1,
                 otlp_endpoint=sink.url,
-                env={"OTEL_BSP_SCHEDULE_DELAY": "100"},
+                env={"OTEL_BSP_SCHEDULE_DELAY": str(args.schedule_delay_ms or SCHEDULE_DELAY_MS)},
                 allowed_origins=origins,
             ),
             sink,

@@ -36,9 +36,11 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
         ("opentelemetry/sdk/", "opentelemetry/trace/", "opentelemetry/context/"),
     ),
     ("trace context extract/inject (gateway/context.py)", ("gateway/context.py",)),
-    ("header rules (gateway/proxy.py)", ("gateway/proxy.py",)),
     ("CORS (gateway/cors.py)", ("gateway/cors.py",)),
+    # Before gateway/proxy.py, which makes the upstream call (Upstream.call,
+    # Upstream.relay) as well as applying the header rules.
     ("upstream request (aiohttp client)", ("aiohttp/client", "aiohttp/connector")),
+    ("forwarding: header rules, body relay (gateway/proxy.py)", ("gateway/proxy.py",)),
     (
         "HTTP server (aiohttp web, parser, writer)",
         ("aiohttp/web_", "aiohttp/http_", "aiohttp/base_protocol", "aiohttp/streams"),
