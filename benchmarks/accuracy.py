@@ -114,8 +114,15 @@ def summarize(cell: Cell) -> dict[str, Any]:
         "statuses": cell.statuses,
         "relay_rtt_ms": cell.relay_rtt_ms,
         "symmetric": cell.symmetric,
+        "to_relay_median": _median(cell.rows, "to_relay_ms"),
+        "to_gateway_median": _median(cell.rows, "to_gateway_ms"),
         "rows": cell.rows,
     }
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def _start_relay(
@@ -474,6 +481,12 @@ def run(
         for row in cell.rows:
             _add_relay_times(row, cell.up_ms, relay_times.get(row["trace"] or "", {}))
         _held_errors(cell, relay_times)
+        exports = [row["exported_ms"] for row in cell.rows if row.get("exported_ms")]
+        for row in cell.rows:
+            if exports and row.get("t1_ms"):
+                # The span export nearest this request's receipt (ms after
+                # t1; negative: before): the export thread holds the GIL.
+                row["export_ms"] = round(min((e - row["t1_ms"] for e in exports), key=abs), 1)
     return [summarize(cell) for cell in cells]
 
 
@@ -554,15 +567,8 @@ def print_rows(summaries: list[dict[str, Any]]) -> None:
         )
         print(header)
         up_ms = float(summary["path"].split("/")[0])
-        exports = sorted({r["exported_ms"] for r in summary["rows"] if r.get("exported_ms")})
         for row in summary["rows"]:
-            # The span export nearest this request's receipt (ms after t1;
-            # negative: before): the export thread holds the GIL to encode.
-            export = (
-                min((e - row["t1_ms"] for e in exports), key=abs)
-                if exports and row.get("t1_ms")
-                else None
-            )
+            export = row.get("export_ms")
 
             def f(value: Any, digits: int = 2) -> str:
                 return "-" if value is None else f"{value:.{digits}f}"

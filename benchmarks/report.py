@@ -609,6 +609,7 @@ def _accuracy(r: dict[str, Any]) -> list[str]:
                 _f(c.get("rtt_probe_mean")),
                 f"{_f(c.get('rtt_held_mean'))} / {_f(c.get('rtt_held_max'))}",
                 f"{_f(c.get('relay_extra_mean'))} / {_f(c.get('relay_extra_max'))}",
+                f"{_f(c.get('to_relay_median'))} / {_f(c.get('to_gateway_median'))}",
                 f"{_f(c['naive_mean'], 1)} / {_f(c['naive_max'], 1)}",
                 ", ".join(f"{k} {v}" for k, v in c["statuses"].items()),
             ]
@@ -627,12 +628,85 @@ def _accuracy(r: dict[str, Any]) -> list[str]:
             "rtt err vs probe, mean",
             "rtt err vs relay hold mean / max",
             "relay extra ms mean / max",
+            "Chromium → relay / relay → t1 ms (median)",
             "naive err mean / max",
             "verdicts",
         ],
         rows,
     )
-    return out
+    return out + _slowest_requests(cells)
+
+
+#: A request whose uplink error against the nominal delay passes this is
+#: listed with where its time went.
+SLOW_REQUEST_MS = 3.0
+
+
+def _slowest_requests(cells: list[dict[str, Any]], limit: int = 15) -> list[str]:
+    """Every measured request of a symmetric path (on the asymmetric one the
+    error is physics) whose uplink error against the nominal delay is over
+    SLOW_REQUEST_MS, worst first, split into its parts: all of them
+    stay in the means above, this only says where their time went."""
+    slow = []
+    symmetric = [c for c in cells if c["symmetric"]]
+    for c in symmetric:
+        up_ms = float(c["path"].split("/")[0])
+        for row in c.get("rows", []):
+            if row.get("uplink_ms") is None or row.get("pre_ms") is None:
+                continue
+            error = row["uplink_ms"] - up_ms - row["pre_ms"]
+            if abs(error) > SLOW_REQUEST_MS:
+                slow.append((abs(error), error, c, row))
+    out = [
+        "",
+        f"Requests of the symmetric paths with an uplink error over {SLOW_REQUEST_MS:g} ms "
+        f"against the nominal delay ({len(slow)} of "
+        f"{sum(len(c.get('rows', [])) for c in symmetric)} measured; all are in the means "
+        "above), worst first: where their time went. *Chromium → relay*: from the "
+        "request's Resource Timing `requestStart` to its first bytes reaching the relay "
+        "(includes up to 1 ms of the page clock's whole-millisecond anchor); *relay extra*: "
+        "how much longer than the nominal up delay the relay held them; *relay → t1*: from "
+        "the relay passing them on to the gateway's receipt time; *export*: the gateway's "
+        "nearest span export (ms after t1; its thread holds the GIL while it encodes).",
+        "",
+    ]
+    if not slow:
+        return [*out, "None."]
+    rows = []
+    for _, error, c, row in sorted(slow, key=lambda x: -x[0])[:limit]:
+        up_extra = None
+        if row.get("relay_up_sent_ms") is not None and row.get("relay_up_arrived_ms") is not None:
+            up_nominal = float(c["path"].split("/")[0])
+            up_extra = row["relay_up_sent_ms"] - row["relay_up_arrived_ms"] - up_nominal
+        rows.append(
+            [
+                f"{c['path']}, {_skew(c['skew_ms'])}",
+                str(row["i"] + 1),
+                f"{error:+.2f}",
+                _f(
+                    None
+                    if row.get("real_uplink_ms") is None
+                    else row["uplink_ms"] - row["real_uplink_ms"]
+                ),
+                _f(row.get("to_relay_ms")),
+                _f(up_extra),
+                _f(row.get("to_gateway_ms")),
+                _f(row.get("export_ms"), 1),
+            ]
+        )
+    return out + _table(
+        [
+            "cell",
+            "request",
+            "uplink err ms",
+            "vs real uplink",
+            "Chromium → relay",
+            "relay extra (up)",
+            "relay → t1",
+            "export",
+        ],
+        rows,
+    )
 
 
 def _footprint(r: dict[str, Any]) -> list[str]:

@@ -33,6 +33,10 @@ def _cell(path: str, skew_ms: float, **figures: float) -> dict[str, Any]:
         "rtt_held_max": 0.9,
         "exact_mean": 0.4,
         "relay_rtt_ms": float(up) + float(down) + 0.1,
+        "pre_mean": 1.0,
+        "naive_mean": 1.0,
+        "naive_max": 1.0,
+        "statuses": {"ok": 8},
     }
     return {**cell, **figures}
 
@@ -96,3 +100,37 @@ def test_every_span_exported() -> None:
     assert lost.met is False
     assert "**9,999** spans received by the OTLP receiver for **10,000** requests" in lost.figure
     assert verdict(10_065).met is False  # more than wrk could have left in flight
+
+
+def _row(**figures: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "i": 0,
+        "uplink_ms": 26.0,
+        "pre_ms": 1.0,
+        "real_uplink_ms": 26.5,
+        "to_relay_ms": 1.1,
+        "relay_up_arrived_ms": 1000.0,
+        "relay_up_sent_ms": 1025.0,
+        "to_gateway_ms": 0.4,
+        "export_ms": 40.0,
+    }
+    return {**row, **figures}
+
+
+def test_slow_requests_are_listed_with_where_their_time_went() -> None:
+    slow = _row(
+        i=3,
+        uplink_ms=47.0,
+        real_uplink_ms=47.5,
+        relay_up_sent_ms=1025.5,
+        to_gateway_ms=19.8,
+        export_ms=-2.0,
+    )
+    cells = [
+        _cell("25/25", 0.0, rows=[_row(), slow]),
+        # Asymmetric: its uplink error is physics, not listed.
+        _cell("40/10", 0.0, rows=[_row(uplink_ms=26.0, pre_ms=1.0)]),
+    ]
+    text = "\n".join(report._accuracy({"accuracy": cells, "settings": {"clicks": 2}}))
+    assert "(1 of 2 measured; all are in the means above)" in text
+    assert "| 25/25, +0 s | 4 | +21.00 | -0.50 | 1.10 | 0.50 | 19.80 | -2.0 |" in text
