@@ -64,7 +64,7 @@ def test_relay_counts_each_delay_from_when_the_bytes_arrived_not_from_a_late_rea
     # A busy machine wakes the relay's reading thread late: the chunk must
     # still leave `delay` after it reached the relay, not `delay` after the
     # read, or the relay adds the scheduler's lateness to the injected delay.
-    delay_s, late_read_s = 0.04, 0.04
+    delay_s, late_read_s = 0.3, 0.2
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
     out_r, out_w = socket.socketpair()
