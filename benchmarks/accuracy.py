@@ -12,6 +12,15 @@ Next to them, the naive ``receipt − X-Client-Timestamp`` (t1 from the
 response's ``X-Gateway-Clock``, the timestamp from the request Chromium
 sent), which carries the page's clock skew.
 
+Each request is also split into its parts from the relay's trace log
+(``tests/relay.py --trace-log``): Chromium's ``requestStart`` → the relay,
+the relay's actual hold (its errors are also given against that, so a relay
+thread that woke late is not counted against the gateway), relay → the
+gateway's receipt t1, and the nearest span export. Run alone, it prints
+every request::
+
+    .venv/bin/python benchmarks/accuracy.py --paths 0/0,5/5 --skews-s=-3600,0 [--json F]
+
 Not for: pass/fail (``tests/test_browser.py`` asserts; this measures).
 """
 
