@@ -85,6 +85,7 @@ class RssRun:
     per_process_kib: list[int] = field(default_factory=list)
     chunks: int = 0  # wrk runs
     connections: int = 0  # per wrk run
+    errors: int = 0  # wrk's socket errors and timeouts: maybe served, not completed
 
     @property
     def growth_mib(self) -> float:
@@ -120,6 +121,7 @@ def rss_after_requests(
         )
         run.requests += result.requests
         run.chunks += 1
+        run.errors += result.errors
         rate = max(result.rps, 100.0)
         run.curve.append((run.requests, rss_kib(server.pids())))
     run.seconds = time.monotonic() - started

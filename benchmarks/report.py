@@ -275,7 +275,8 @@ def _every_span_exported(counts: dict[str, int] | None) -> Target:
         text,
         f"**{received:,}** spans received by the OTLP receiver for **{completed:,}** requests "
         f"wrk completed ({extra:+,}; wrk stops each run with requests in flight that the "
-        f"gateway still serves and exports, up to {counts['in_flight_max']:,} here)",
+        f"gateway still serves and exports, and wrk's errors may have been served: "
+        f"up to {counts['in_flight_max']:,} here)",
         0 <= extra <= counts["in_flight_max"],
     )
 

@@ -464,12 +464,13 @@ def spans_exported(sink: servers.Server, run: footprint.RssRun) -> dict[str, int
     """The SERVER spans (with a latency verdict) a receiver got from one
     gateway, against the requests wrk completed on it. wrk stops each chunk
     with up to ``connections`` requests in flight, which the gateway may
-    still serve and export, so received − completed is in [0, chunks ×
-    connections] when nothing was lost; fewer received is spans lost."""
+    still serve and export (and a request wrk gave up on may still have
+    been served), so received − completed is in [0, chunks × connections +
+    wrk errors] when nothing was lost; fewer received is spans lost."""
     return {
         "received": sum(sink_stats(sink).get("status", {}).values()),
         "completed": run.requests,
-        "in_flight_max": run.chunks * run.connections,
+        "in_flight_max": run.chunks * run.connections + run.errors,
     }
 
 
