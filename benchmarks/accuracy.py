@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import socket
 import statistics
@@ -437,11 +438,13 @@ def run(
     skews_ms: list[float],
     clicks: int,
 ) -> list[dict[str, Any]]:
-    """Every (path, skew) cell; ``gateway_factory(allowed_origins)`` starts
-    the gateway and returns its :class:`Server`."""
+    """Every (path, skew) cell; ``gateway_factory(allowed_origins, env)``
+    starts the gateway with ``env`` added to its environment (the GC pause
+    log, ``benchmarks/gc_watch``) and returns its :class:`Server`."""
     demo_ports = [free_port() for _ in paths]
     origins = ",".join(f"http://127.0.0.1:{port}" for port in demo_ports)
-    gateway: Server = gateway_factory(origins)
+    gc_log = procs.log_dir / "gateway-gc.jsonl"
+    gateway: Server = gateway_factory(origins, gc_watch_env(gc_log))
     gateway_port = int(gateway.url.rsplit(":", 1)[1])
     demos: list[DemoThread] = []
     cells: list[Cell] = []
@@ -490,6 +493,7 @@ def run(
         for row in cell.rows:
             _add_relay_times(row, cell.up_ms, relay_times.get(row["trace"] or "", {}))
         _held_errors(cell, relay_times)
+        _add_gc_pauses(cell.rows, gc_log)
         exports = [row["exported_ms"] for row in cell.rows if row.get("exported_ms")]
         for row in cell.rows:
             if exports and row.get("t1_ms"):
@@ -497,6 +501,30 @@ def run(
                 # t1; negative: before): the export thread holds the GIL.
                 row["export_ms"] = round(min((e - row["t1_ms"] for e in exports), key=abs), 1)
     return [summarize(cell) for cell in cells]
+
+
+def gc_watch_env(log_path: Path) -> dict[str, str]:
+    """Environment that makes a Python process log its GC pauses to
+    ``log_path`` (``benchmarks/gc_watch/sitecustomize.py``)."""
+    paths = [str(Path(__file__).parent / "gc_watch"), os.environ.get("PYTHONPATH", "")]
+    return {"PYTHONPATH": os.pathsep.join(p for p in paths if p), "BENCH_GC_LOG": str(log_path)}
+
+
+def _add_gc_pauses(rows: list[dict[str, Any]], gc_log: Path) -> None:
+    """``gc_ms``: the gateway's GC pause time between the relay passing a
+    request on and the gateway's receipt t1 (the request waited through it)."""
+    if not gc_log.exists():
+        return
+    pauses = [json.loads(line) for line in gc_log.read_text().splitlines() if line]
+    for row in rows:
+        sent, t1 = row.get("relay_up_sent_ms"), row.get("t1_ms")
+        if sent is None or t1 is None:
+            continue
+        overlap = sum(
+            max(0.0, min(t1, p["start_ms"] + p["pause_ms"]) - max(sent, p["start_ms"]))
+            for p in pauses
+        )
+        row["gc_ms"] = round(overlap, 3)
 
 
 def _held(times: dict[str, Any], direction: str) -> float | None:
@@ -563,7 +591,7 @@ def print_rows(summaries: list[dict[str, Any]]) -> None:
     header = (
         f"{'i':>2} {'new conn':>8} {'after burst':>11} {'pre':>6} {'uplink':>7} "
         f"{'real up':>7} {'excess':>7} {'→relay':>7} {'wake':>5} {'late':>5} {'→gw t1':>7} "
-        f"{'rtt (prev)':>10} {'page rtt':>8} {'gw':>5} {'relay+':>6} {'export':>7} status"
+        f"{'rtt (prev)':>10} {'page rtt':>8} {'gw':>5} {'relay+':>6} {'export':>7} {'gc':>5} status"
     )
     for summary in summaries:
         print(
@@ -594,7 +622,7 @@ def print_rows(summaries: list[dict[str, Any]]) -> None:
                 f"{f(row.get('to_relay_ms')):>7} {f(row.get('relay_wake_ms')):>5} "
                 f"{f(row.get('relay_late_ms')):>5} {f(row.get('to_gateway_ms')):>7} "
                 f"{f(row['rtt_ms']):>10} {f(row['page_rtt_ms']):>8} {f(row['gw_ms']):>5} "
-                f"{f(row.get('relay_extra_ms')):>6} {f(export, 1):>7} "
+                f"{f(row.get('relay_extra_ms')):>6} {f(export, 1):>7} {f(row.get('gc_ms'), 1):>5} "
                 f"{row['status']}"
             )
 
@@ -625,13 +653,16 @@ def main() -> int:
         sink = servers.sink(procs, "sink-accuracy", keep=True)
         summaries = run(
             procs,
-            lambda origins: servers.gateway(
+            lambda origins, env: servers.gateway(
                 procs,
                 "gateway-accuracy",
                 upstream.url,
                 workers=1,
                 otlp_endpoint=sink.url,
-                env={"OTEL_BSP_SCHEDULE_DELAY": str(args.schedule_delay_ms or SCHEDULE_DELAY_MS)},
+                env={
+                    **env,
+                    "OTEL_BSP_SCHEDULE_DELAY": str(args.schedule_delay_ms or SCHEDULE_DELAY_MS),
+                },
                 allowed_origins=origins,
             ),
             sink,

@@ -667,8 +667,10 @@ def _slowest_requests(cells: list[dict[str, Any]], limit: int = 15) -> list[str]
         "request's Resource Timing `requestStart` to its first bytes reaching the relay "
         "(includes up to 1 ms of the page clock's whole-millisecond anchor); *relay extra*: "
         "how much longer than the nominal up delay the relay held them; *relay → t1*: from "
-        "the relay passing them on to the gateway's receipt time; *export*: the gateway's "
-        "nearest span export (ms after t1; its thread holds the GIL while it encodes).",
+        "the relay passing them on to the gateway's receipt time; *GC pause in it*: the "
+        "gateway's garbage collections within that stretch (`benchmarks/gc_watch`); "
+        "*export*: the gateway's nearest span export (ms after t1; its thread holds the GIL "
+        "while it encodes).",
         "",
     ]
     if not slow:
@@ -692,6 +694,7 @@ def _slowest_requests(cells: list[dict[str, Any]], limit: int = 15) -> list[str]
                 _f(row.get("to_relay_ms")),
                 _f(up_extra),
                 _f(row.get("to_gateway_ms")),
+                _f(row.get("gc_ms"), 1),
                 _f(row.get("export_ms"), 1),
             ]
         )
@@ -704,6 +707,7 @@ def _slowest_requests(cells: list[dict[str, Any]], limit: int = 15) -> list[str]
             "Chromium → relay",
             "relay extra (up)",
             "relay → t1",
+            "GC pause in it",
             "export",
         ],
         rows,

@@ -667,13 +667,13 @@ def main() -> int:
         foreign = harness.ForeignCpu().__enter__()
         r["accuracy"] = accuracy.run(
             procs,
-            lambda origins: servers.gateway(
+            lambda origins, env: servers.gateway(
                 procs,
                 "gateway-accuracy",
                 upstream.url,
                 workers=1,
                 otlp_endpoint=keep_sink.url,
-                env={"OTEL_BSP_SCHEDULE_DELAY": "100"},
+                env={**env, "OTEL_BSP_SCHEDULE_DELAY": str(accuracy.SCHEDULE_DELAY_MS)},
                 allowed_origins=origins,
             ),
             keep_sink,
