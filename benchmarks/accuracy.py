@@ -49,6 +49,7 @@ from tests.browser import DemoThread, chromium, skew_script
 #: runs at this nice value, so the threads that hold and pass on each chunk
 #: wake ahead of the machine's other busy processes (Chromium, other jobs).
 RELAY_NICE = -10
+RELAY_REALTIME = True
 _RELAY_RE = re.compile(r"relay listening on (http://127\.0\.0\.1:\d+)")
 _CLOCK_T1_RE = re.compile(r"t1=([\d.]+)")
 
@@ -158,6 +159,7 @@ def _start_relay(
             *(["--trace-log", str(trace_log)] if trace_log else []),
             "--nice",
             str(RELAY_NICE),
+            *(["--realtime"] if RELAY_REALTIME else []),
         ],
     )
     deadline = time.monotonic() + 20
