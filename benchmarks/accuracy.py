@@ -229,8 +229,10 @@ async def _cell(
     down_ms: float,
     skew_ms: float,
     clicks: int,
+    gateway_pids: list[int],
 ) -> Cell:
     cell = Cell(up_ms, down_ms, skew_ms)
+    runqueue_ms: list[float] = []  # per click: the gateway's wait for a CPU meanwhile
     context = await browser.new_context()
     try:
         await context.add_init_script(skew_script(skew_ms))
@@ -249,10 +251,12 @@ async def _cell(
         start = await page.evaluate("LatencyGateway.requests.length")
         for _ in range(WARMUP_CLICKS + clicks):
             before = await page.evaluate("LatencyGateway.requests.length")
+            waited_before_ms = runqueue_wait_ms(gateway_pids)
             await page.click("#reload")
             await page.wait_for_function(
                 f"LatencyGateway.requests.length > {before}", timeout=30_000
             )
+            runqueue_ms.append(max(0.0, runqueue_wait_ms(gateway_pids) - waited_before_ms))
         # Each record is complete once matched to its Resource Timing entry.
         await page.wait_for_function(
             f"LatencyGateway.requests.slice({start}).filter(r => r.pre != null).length"
@@ -302,6 +306,7 @@ async def _cell(
                 cell.exact_err_ms.append(float(attrs["latency.uplink_ms"]) - real_uplink)
         row = _row(index, record, attrs, timing.get(trace_id, {}), real_uplink)
         row["t1_ms"] = exchange.t1_ms if exchange else None
+        row["gw_runqueue_ms"] = round(runqueue_ms[WARMUP_CLICKS + index], 3)
         prev_span = exchange.prev_span if exchange else None
         row["prev_trace"] = span_to_trace.get(prev_span or "")
         if row["start_ms"] is not None and burst_end_ms:
@@ -458,7 +463,9 @@ def run(
         async with chromium() as browser:
             for i, ((up_ms, down_ms), demo) in enumerate(zip(paths, demos, strict=True)):
                 for skew_ms in skews_ms:
-                    cell = await _cell(browser, demo.url, sink, up_ms, down_ms, skew_ms, clicks)
+                    cell = await _cell(
+                        browser, demo.url, sink, up_ms, down_ms, skew_ms, clicks, gateway.pids()
+                    )
                     cell.relay_rtt_ms = relay_rtts[i]
                     summary = summarize(cell)
                     log(
@@ -503,6 +510,19 @@ def run(
                 # t1; negative: before): the export thread holds the GIL.
                 row["export_ms"] = round(min((e - row["t1_ms"] for e in exports), key=abs), 1)
     return [summarize(cell) for cell in cells]
+
+
+def runqueue_wait_ms(pids: list[int]) -> float:
+    """How long the threads of ``pids`` have waited, runnable, for a CPU
+    (``/proc/<pid>/task/<tid>/schedstat``, its second field: proc(5)), ms.
+    Its growth over a request is the time the gateway could not run because
+    other processes held both cores."""
+    total_ns = 0
+    for pid in pids:
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total_ns += int(stat.read_text().split()[1])
+    return total_ns / 1e6
 
 
 def gc_watch_env(log_path: Path) -> dict[str, str]:
@@ -593,7 +613,8 @@ def print_rows(summaries: list[dict[str, Any]]) -> None:
     header = (
         f"{'i':>2} {'new conn':>8} {'after burst':>11} {'pre':>6} {'uplink':>7} "
         f"{'real up':>7} {'excess':>7} {'→relay':>7} {'wake':>5} {'late':>5} {'→gw t1':>7} "
-        f"{'rtt (prev)':>10} {'page rtt':>8} {'gw':>5} {'relay+':>6} {'export':>7} {'gc':>5} status"
+        f"{'rtt (prev)':>10} {'page rtt':>8} {'gw':>5} {'relay+':>6} {'export':>7} {'gc':>5} "
+        f"{'cpu wait':>8} status"
     )
     for summary in summaries:
         print(
@@ -625,6 +646,7 @@ def print_rows(summaries: list[dict[str, Any]]) -> None:
                 f"{f(row.get('relay_late_ms')):>5} {f(row.get('to_gateway_ms')):>7} "
                 f"{f(row['rtt_ms']):>10} {f(row['page_rtt_ms']):>8} {f(row['gw_ms']):>5} "
                 f"{f(row.get('relay_extra_ms')):>6} {f(export, 1):>7} {f(row.get('gc_ms'), 1):>5} "
+                f"{f(row.get('gw_runqueue_ms'), 1):>8} "
                 f"{row['status']}"
             )
 

@@ -669,6 +669,9 @@ def _slowest_requests(cells: list[dict[str, Any]], limit: int = 15) -> list[str]
         "how much longer than the nominal up delay the relay held them; *relay → t1*: from "
         "the relay passing them on to the gateway's receipt time; *GC pause in it*: the "
         "gateway's garbage collections within that stretch (`benchmarks/gc_watch`); "
+        "*gateway's CPU wait*: how long the gateway's threads waited, runnable, for a core "
+        "while the request was in flight (`/proc/<pid>/task/*/schedstat`: other processes "
+        "held both cores); "
         "*export*: the gateway's nearest span export (ms after t1; its thread holds the GIL "
         "while it encodes).",
         "",
@@ -695,6 +698,7 @@ def _slowest_requests(cells: list[dict[str, Any]], limit: int = 15) -> list[str]
                 _f(up_extra),
                 _f(row.get("to_gateway_ms")),
                 _f(row.get("gc_ms"), 1),
+                _f(row.get("gw_runqueue_ms"), 1),
                 _f(row.get("export_ms"), 1),
             ]
         )
@@ -708,6 +712,7 @@ def _slowest_requests(cells: list[dict[str, Any]], limit: int = 15) -> list[str]
             "relay extra (up)",
             "relay → t1",
             "GC pause in it",
+            "gateway's CPU wait",
             "export",
         ],
         rows,

@@ -114,6 +114,7 @@ def _row(**figures: Any) -> dict[str, Any]:
         "to_gateway_ms": 0.4,
         "export_ms": 40.0,
         "gc_ms": 0.0,
+        "gw_runqueue_ms": 0.1,
     }
     return {**row, **figures}
 
@@ -126,6 +127,7 @@ def test_slow_requests_are_listed_with_where_their_time_went() -> None:
         relay_up_sent_ms=1025.5,
         to_gateway_ms=19.8,
         gc_ms=12.5,
+        gw_runqueue_ms=18.0,
         export_ms=-2.0,
     )
     cells = [
@@ -135,4 +137,4 @@ def test_slow_requests_are_listed_with_where_their_time_went() -> None:
     ]
     text = "\n".join(report._accuracy({"accuracy": cells, "settings": {"clicks": 2}}))
     assert "(1 of 2 measured; all are in the means above)" in text
-    assert "| 25/25, +0 s | 4 | +21.00 | -0.50 | 1.10 | 0.50 | 19.80 | 12.5 | -2.0 |" in text
+    assert "| 25/25, +0 s | 4 | +21.00 | -0.50 | 1.10 | 0.50 | 19.80 | 12.5 | 18.0 | -2.0 |" in text
