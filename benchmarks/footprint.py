@@ -83,6 +83,9 @@ class RssRun:
     seconds: float = 0.0
     curve: list[tuple[int, int]] = field(default_factory=list)  # (requests so far, RSS KiB)
     per_process_kib: list[int] = field(default_factory=list)
+    chunks: int = 0  # wrk runs
+    connections: int = 0  # per wrk run
+    errors: int = 0  # wrk's socket errors and timeouts: maybe served, not completed
 
     @property
     def growth_mib(self) -> float:
@@ -102,7 +105,7 @@ def rss_after_requests(
     """Idle RSS, then wrk in chunks (each bounded) until ``target_requests``
     are done or ``max_seconds`` pass, then RSS again once the load stopped."""
     time.sleep(settle_s)
-    run = RssRun(label, idle_kib=rss_kib(server.pids()))
+    run = RssRun(label, idle_kib=rss_kib(server.pids()), connections=connections)
     run.curve.append((0, run.idle_kib))
     started = time.monotonic()
     rate = 2000.0
@@ -117,6 +120,8 @@ def rss_after_requests(
             headers=headers_fn(),
         )
         run.requests += result.requests
+        run.chunks += 1
+        run.errors += result.errors
         rate = max(result.rps, 100.0)
         run.curve.append((run.requests, rss_kib(server.pids())))
     run.seconds = time.monotonic() - started

@@ -11,7 +11,8 @@ Not for: storing traces (``viewer`` is that) or tests
 
     python benchmarks/otlp_sink.py --port P [--keep]
     GET /stats        {"spans", "posts", "bytes", "status": {"ok": n, ...}}
-    GET /trace/<id>   latency.* attributes of that trace's SERVER spans (--keep)
+    GET /trace/<id>   latency.* attributes of that trace's SERVER spans (--keep),
+                      and ``sink.received_ms``: when their export reached us (epoch)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import time
 from collections import Counter
 from typing import Any
 
@@ -53,10 +55,10 @@ class Sink:
                 self.spans += len(scope_spans.spans)
                 for span in scope_spans.spans:
                     if span.kind == SERVER_KIND:
-                        self._server_span(span)
+                        self._server_span(span, time.time_ns() / 1e6)
         return web.Response(body=self.reply, content_type="application/x-protobuf")
 
-    def _server_span(self, span: Any) -> None:
+    def _server_span(self, span: Any, received_ms: float) -> None:
         attrs: dict[str, Any] = {}
         for attr in span.attributes:
             if attr.key.startswith("latency."):
@@ -67,6 +69,7 @@ class Sink:
             return
         self.status[str(status)] += 1
         if self.keep and len(self.by_trace) < KEEP_MAX:
+            attrs["sink.received_ms"] = received_ms
             self.by_trace.setdefault(span.trace_id.hex(), []).append(attrs)
 
     async def stats(self, request: web.Request) -> web.Response:

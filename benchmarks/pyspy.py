@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import log, track, wrk
+from harness import ROOT, log, track, wrk
 
 _FRAME_RE = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+):(?P<line>\d+)\)$")
 _NATIVE_RE = re.compile(r"^(?P<func>\S+) \((?P<lib>[^()]+)\)$")
@@ -36,9 +36,11 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
         ("opentelemetry/sdk/", "opentelemetry/trace/", "opentelemetry/context/"),
     ),
     ("trace context extract/inject (gateway/context.py)", ("gateway/context.py",)),
-    ("header rules (gateway/proxy.py)", ("gateway/proxy.py",)),
     ("CORS (gateway/cors.py)", ("gateway/cors.py",)),
+    # Before gateway/proxy.py, which makes the upstream call (Upstream.call,
+    # Upstream.relay) as well as applying the header rules.
     ("upstream request (aiohttp client)", ("aiohttp/client", "aiohttp/connector")),
+    ("forwarding: header rules, body relay (gateway/proxy.py)", ("gateway/proxy.py",)),
     (
         "HTTP server (aiohttp web, parser, writer)",
         ("aiohttp/web_", "aiohttp/http_", "aiohttp/base_protocol", "aiohttp/streams"),
@@ -74,12 +76,30 @@ class Profile:
     pid: int = 0
 
 
+#: This repository's top-level packages: a frame in one of them is ours.
+_OWN_PACKAGES = ("gateway", "viewer", "backend", "latency_common", "benchmarks")
+_STDLIB_RE = re.compile(r"/python3\.\d+/")
+
+
 def _short(path: str) -> str:
-    """site-packages/… and the repo root trimmed off, for readable tables."""
-    for marker in ("site-packages/", "/work/main/", "python3.11/"):
+    """A frame's file as a path in its package: ``site-packages/`` and the
+    standard library's directory trimmed off, and a file of this repository
+    relative to its root (``gateway/timing.py``), wherever the profiled
+    checkout lives. py-spy's ``--full-filenames`` gives absolute paths, and
+    the gateway under test may run from another worktree than this module
+    (``/work/wt-x/gateway/app.py``): a file counts as ours when its tail from
+    one of our package directories names a file of this repository."""
+    for marker in ("site-packages/", "dist-packages/"):
         if marker in path:
             return path.split(marker, 1)[1]
-    return path
+    parts = path.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part in _OWN_PACKAGES:
+            tail = "/".join(parts[i:])
+            if (ROOT / tail).is_file():
+                return tail
+    stdlib = _STDLIB_RE.search(path)
+    return path[stdlib.end() :] if stdlib else path
 
 
 def analyse(raw: str) -> Profile:

@@ -161,7 +161,15 @@ def evaluate_targets(r: dict[str, Any], agg: dict[tuple[str, int], Agg]) -> list
         )
     )
     stall = next(iter(r.get("loop_lag") or []), None)
-    if stall is not None and stall.get("stall_ms_per_batch_max") is not None:
+    if stall is None or stall.get("stall_ms_per_batch_max") is None:
+        targets.append(
+            Target(
+                "longest event-loop stall per export batch ≤ 1 ms (c=1; p90 over batches)",
+                "not measured in this run",
+                None,
+            )
+        )
+    else:
         targets.append(
             Target(
                 "longest event-loop stall per export batch ≤ 1 ms (c=1; p90 over batches)",
@@ -174,31 +182,8 @@ def evaluate_targets(r: dict[str, Any], agg: dict[tuple[str, int], Agg]) -> list
                 stall["stall_ms_per_batch_p90"] <= 1.0,
             )
         )
-    symmetric = [c for c in r.get("accuracy", []) if c["symmetric"] and c["path"] != "0/0"]
-    if symmetric:
-        worst_uplink = max(symmetric, key=lambda c: c["uplink_mean"])
-        worst_rtt = max(symmetric, key=lambda c: c["rtt_mean"])
-        targets.append(
-            Target(
-                "uplink error ≤ 1 ms mean, symmetric path, every skew",
-                f"worst cell {worst_uplink['path']} ms at skew "
-                f"{_skew(worst_uplink['skew_ms'])}: **{_f(worst_uplink['uplink_mean'])} ms** "
-                f"mean (against that request's real uplink: "
-                f"{_f(worst_uplink.get('exact_mean'))} ms; worst cell on that measure "
-                f"{_f(max(c.get('exact_mean', float('nan')) for c in symmetric))} ms)",
-                worst_uplink["uplink_mean"] <= 1.0,
-            )
-        )
-        targets.append(
-            Target(
-                "rtt error ≤ 1 ms, symmetric path, every skew (mean |error| per cell)",
-                f"worst cell {worst_rtt['path']} ms at skew {_skew(worst_rtt['skew_ms'])}: "
-                f"**{_f(worst_rtt['rtt_mean'])} ms** mean, {_f(worst_rtt['rtt_max'])} ms max "
-                f"(against the relay's measured round trip instead of up + down: worst cell "
-                f"{_f(max(c.get('rtt_probe_mean', float('nan')) for c in symmetric))} ms)",
-                worst_rtt["rtt_mean"] <= 1.0,
-            )
-        )
+    targets += _accuracy_targets(r.get("accuracy") or [])
+    targets.append(_every_span_exported(r.get("spans_exported")))
     sizes = r.get("sizes", {})
     if "snippet" in sizes:
         gz = sizes["snippet"]["gz"]
@@ -218,6 +203,82 @@ def evaluate_targets(r: dict[str, Any], agg: dict[tuple[str, int], Agg]) -> list
             )
         )
     return targets
+
+
+def _accuracy_targets(cells: list[dict[str, Any]]) -> list[Target]:
+    """Uplink and rtt error ≤ 1 ms mean on every symmetric cell (0/0, the
+    relay alone, included), and the relay's own overhead ≤ 0.3 ms.
+
+    Gated on each request's error against the delay the relay actually
+    applied to it (its trace log): on a busy machine its threads can wake
+    late, and that request then really took longer than the nominal delay.
+    The error against the nominal up / up + down of every request is shown
+    next to it, never dropped."""
+    uplink_text = "uplink error ≤ 1 ms mean, every symmetric cell, every skew"
+    rtt_text = "rtt error ≤ 1 ms mean, every symmetric cell, every skew"
+    relay_text = "delay relay's own round trip ≤ 0.3 ms beyond up + down (probe, every path)"
+    symmetric = [c for c in cells if c["symmetric"]]
+    if not symmetric:
+        return [Target(t, "not measured in this run", None) for t in (uplink_text, rtt_text)]
+    out = []
+    for text, key in ((uplink_text, "uplink"), (rtt_text, "rtt")):
+
+        def gate(c: dict[str, Any], key: str = key) -> float:
+            held = c.get(f"{key}_held_mean")
+            return float(c[f"{key}_mean"] if held is None or math.isnan(held) else held)
+
+        worst = max(symmetric, key=gate)
+        worst_nominal = max(symmetric, key=lambda c, key=key: c[f"{key}_mean"])
+        figure = (
+            f"worst cell {worst['path']} ms at skew {_skew(worst['skew_ms'])}: "
+            f"**{_f(gate(worst))} ms** mean against the delay the relay applied to each "
+            f"request ({worst.get(f'n_{key}_held' if key == 'rtt' else 'n_held', 0)} of "
+            f"{worst['n_rtt' if key == 'rtt' else 'n']} requests traced; max "
+            f"{_f(worst.get(f'{key}_held_max'))} ms); against the nominal delay, every "
+            f"request: worst cell {worst_nominal['path']} ms at skew "
+            f"{_skew(worst_nominal['skew_ms'])}, {_f(worst_nominal[f'{key}_mean'])} ms mean, "
+            f"{_f(worst_nominal[f'{key}_max'])} ms max"
+        )
+        if key == "uplink":
+            figure += (
+                "; against each request's real uplink (the clock sync alone): worst cell "
+                f"{_f(max(c.get('exact_mean', float('nan')) for c in symmetric))} ms"
+            )
+        out.append(Target(text, figure, gate(worst) <= 1.0))
+    overheads = [
+        (c["relay_rtt_ms"] - _up_plus_down(c["path"]), c["path"])
+        for c in cells
+        if c.get("relay_rtt_ms") is not None and not math.isnan(c["relay_rtt_ms"])
+    ]
+    if overheads:
+        overhead, path = max(overheads)
+        out.append(
+            Target(relay_text, f"worst path {path} ms: **{overhead:+.2f} ms**", overhead <= 0.3)
+        )
+    else:
+        out.append(Target(relay_text, "not measured in this run", None))
+    return out
+
+
+def _up_plus_down(path: str) -> float:
+    up, _, down = path.partition("/")
+    return float(up) + float(down)
+
+
+def _every_span_exported(counts: dict[str, int] | None) -> Target:
+    text = "every span exported: SERVER spans received ≥ requests completed (wrk, exporter up)"
+    if not counts:
+        return Target(text, "not measured in this run", None)
+    received, completed = counts["received"], counts["completed"]
+    extra = received - completed
+    return Target(
+        text,
+        f"**{received:,}** spans received by the OTLP receiver for **{completed:,}** requests "
+        f"wrk completed ({extra:+,}; wrk stops each run with requests in flight that the "
+        f"gateway still serves and exports, and wrk's errors may have been served: "
+        f"up to {counts['in_flight_max']:,} here)",
+        0 <= extra <= counts["in_flight_max"],
+    )
 
 
 def _skew(ms: float) -> str:
@@ -500,7 +561,10 @@ def _accuracy(r: dict[str, Any]) -> list[str]:
         "The demo page in Debian Chromium (Playwright), its requests through "
         "`tests/relay.py` (one-way delays up/down injected in its own process) to "
         "`python -m gateway`; the page clock skewed by `tests/browser.py`'s init script. "
-        f"{r['settings']['clicks']} sequential requests per cell. Truth for the uplink: "
+        f"{r['settings']['clicks']} sequential requests per cell, after 2 warm-up requests "
+        "that are not counted (the first requests after a page load meet a machine still "
+        "busy with it, and the first measured request reports the rtt of the one before it). "
+        "Truth for the uplink: "
         "the injected up delay + the request's own pre-request wait (Resource Timing "
         "`requestStart − startTime`, the snippet's `pre`); for rtt: up + down. "
         "Naive = `t1 − X-Client-Timestamp` (t1 from the response's `X-Gateway-Clock`, the "
@@ -516,7 +580,18 @@ def _accuracy(r: dict[str, Any]) -> list[str]:
         "clock and the skew is the bench's own, so `t1 − X-Client-Timestamp + skew` is each "
         "request's real uplink, hiccups of the relay or the scheduler included (to within "
         "the < 1 ms the snippet's `Date.now()` anchor is truncated by): the *vs real uplink* "
-        "column is the gateway's error against that, i.e. the error of the clock sync alone.",
+        "column is the gateway's error against that, i.e. the error of the clock sync alone. "
+        "The relay logs when each request's first bytes reached it and when it passed them "
+        "on, both ways (`--trace-log`; it counts each delay from the kernel's receive "
+        "timestamp and runs under SCHED_FIFO, so a thread that wakes late does not lengthen "
+        "the delay): *vs relay hold* is the error against the delay the relay really applied to "
+        "that request (up: `pre` + its up hold; rtt: the up + down holds of the request whose "
+        "round trip `X-Client-Prev` reports), and *relay extra* how much longer than up + "
+        "down it held a request, mean / max. The targets gate on *vs relay hold*; the errors "
+        "against the nominal delays, over every measured request, stay in the table. "
+        "`python benchmarks/accuracy.py` runs this section alone and prints every request: "
+        "its pre, the time from Chromium's `requestStart` to the relay, the relay's hold, "
+        "relay → the gateway's receipt, and the rtt reported for it.",
         "",
     ]
     rows = []
@@ -530,8 +605,12 @@ def _accuracy(r: dict[str, Any]) -> list[str]:
                 _f(c["pre_mean"]),
                 f"{_f(c['uplink_mean'])} / {_f(c['uplink_max'])}",
                 f"{_f(c.get('exact_mean'))} / {_f(c.get('exact_max'))}",
+                f"{_f(c.get('uplink_held_mean'))} / {_f(c.get('uplink_held_max'))}",
                 f"{_f(c['rtt_mean'])} / {_f(c['rtt_max'])}",
                 _f(c.get("rtt_probe_mean")),
+                f"{_f(c.get('rtt_held_mean'))} / {_f(c.get('rtt_held_max'))}",
+                f"{_f(c.get('relay_extra_mean'))} / {_f(c.get('relay_extra_max'))}",
+                f"{_f(c.get('to_relay_median'))} / {_f(c.get('to_gateway_median'))}",
                 f"{_f(c['naive_mean'], 1)} / {_f(c['naive_max'], 1)}",
                 ", ".join(f"{k} {v}" for k, v in c["statuses"].items()),
             ]
@@ -545,14 +624,99 @@ def _accuracy(r: dict[str, Any]) -> list[str]:
             "pre ms (mean)",
             "uplink err mean / max",
             "vs real uplink mean / max",
+            "uplink err vs relay hold mean / max",
             "rtt err mean / max",
             "rtt err vs probe, mean",
+            "rtt err vs relay hold mean / max",
+            "relay extra ms mean / max",
+            "Chromium → relay / relay → t1 ms (median)",
             "naive err mean / max",
             "verdicts",
         ],
         rows,
     )
-    return out
+    return out + _slowest_requests(cells)
+
+
+#: A request whose uplink error against the nominal delay passes this is
+#: listed with where its time went.
+SLOW_REQUEST_MS = 3.0
+
+
+def _slowest_requests(cells: list[dict[str, Any]], limit: int = 15) -> list[str]:
+    """Every measured request of a symmetric path (on the asymmetric one the
+    error is physics) whose uplink error against the nominal delay is over
+    SLOW_REQUEST_MS, worst first, split into its parts: all of them
+    stay in the means above, this only says where their time went."""
+    slow = []
+    symmetric = [c for c in cells if c["symmetric"]]
+    for c in symmetric:
+        up_ms = float(c["path"].split("/")[0])
+        for row in c.get("rows", []):
+            if row.get("uplink_ms") is None or row.get("pre_ms") is None:
+                continue
+            error = row["uplink_ms"] - up_ms - row["pre_ms"]
+            if abs(error) > SLOW_REQUEST_MS:
+                slow.append((abs(error), error, c, row))
+    out = [
+        "",
+        f"Requests of the symmetric paths with an uplink error over {SLOW_REQUEST_MS:g} ms "
+        f"against the nominal delay ({len(slow)} of "
+        f"{sum(len(c.get('rows', [])) for c in symmetric)} measured; all are in the means "
+        "above), worst first: where their time went. *Chromium → relay*: from the "
+        "request's Resource Timing `requestStart` to its first bytes reaching the relay "
+        "(includes up to 1 ms of the page clock's whole-millisecond anchor); *relay extra*: "
+        "how much longer than the nominal up delay the relay held them; *relay → t1*: from "
+        "the relay passing them on to the gateway's receipt time; *GC pause in it*: the "
+        "gateway's garbage collections within that stretch (`benchmarks/gc_watch`); "
+        "*gateway's CPU wait*: how long the gateway's threads waited, runnable, for a core "
+        "while the request was in flight (`/proc/<pid>/task/*/schedstat`: other processes "
+        "held both cores); "
+        "*export*: the gateway's nearest span export (ms after t1; its thread holds the GIL "
+        "while it encodes).",
+        "",
+    ]
+    if not slow:
+        return [*out, "None."]
+    rows = []
+    for _, error, c, row in sorted(slow, key=lambda x: -x[0])[:limit]:
+        up_extra = None
+        if row.get("relay_up_sent_ms") is not None and row.get("relay_up_arrived_ms") is not None:
+            up_nominal = float(c["path"].split("/")[0])
+            up_extra = row["relay_up_sent_ms"] - row["relay_up_arrived_ms"] - up_nominal
+        rows.append(
+            [
+                f"{c['path']}, {_skew(c['skew_ms'])}",
+                str(row["i"] + 1),
+                f"{error:+.2f}",
+                _f(
+                    None
+                    if row.get("real_uplink_ms") is None
+                    else row["uplink_ms"] - row["real_uplink_ms"]
+                ),
+                _f(row.get("to_relay_ms")),
+                _f(up_extra),
+                _f(row.get("to_gateway_ms")),
+                _f(row.get("gc_ms"), 1),
+                _f(row.get("gw_runqueue_ms"), 1),
+                _f(row.get("export_ms"), 1),
+            ]
+        )
+    return out + _table(
+        [
+            "cell",
+            "request",
+            "uplink err ms",
+            "vs real uplink",
+            "Chromium → relay",
+            "relay extra (up)",
+            "relay → t1",
+            "GC pause in it",
+            "gateway's CPU wait",
+            "export",
+        ],
+        rows,
+    )
 
 
 def _footprint(r: dict[str, Any]) -> list[str]:

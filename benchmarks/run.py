@@ -460,6 +460,20 @@ def loop_lag(
     return stats
 
 
+def spans_exported(sink: servers.Server, run: footprint.RssRun) -> dict[str, int]:
+    """The SERVER spans (with a latency verdict) a receiver got from one
+    gateway, against the requests wrk completed on it. wrk stops each chunk
+    with up to ``connections`` requests in flight, which the gateway may
+    still serve and export (and a request wrk gave up on may still have
+    been served), so received − completed is in [0, chunks × connections +
+    wrk errors] when nothing was lost; fewer received is spans lost."""
+    return {
+        "received": sum(sink_stats(sink).get("status", {}).values()),
+        "completed": run.requests,
+        "in_flight_max": run.chunks * run.connections + run.errors,
+    }
+
+
 def sink_stats(sink: servers.Server) -> dict[str, Any]:
     with urllib.request.urlopen(sink.url + "/stats", timeout=5) as response:
         stats: dict[str, Any] = json.loads(response.read())
@@ -616,8 +630,12 @@ def main() -> int:
                     procs.stop(server.proc)
 
         r["rss"] = []
+        # A receiver of its own for the run with the exporter up: what it
+        # received is then this gateway's spans only, to set against the
+        # requests wrk completed ("every span exported").
+        rss_sink = servers.sink(procs, "sink-rss")
         for label, endpoint in (
-            ("exporter up", sink.url),
+            ("exporter up", rss_sink.url),
             ("exporter down", f"http://127.0.0.1:{harness.free_port()}"),
         ):
             gw = servers.gateway(
@@ -636,7 +654,11 @@ def main() -> int:
                     max_seconds=60 if quick else 150,
                 )
             )
-            procs.stop(gw.proc)
+            # SIGTERM: the gateway drains, then flushes the spans still queued.
+            procs.stop(gw.proc, grace_s=30.0)
+            if label == "exporter up":
+                r["spans_exported"] = spans_exported(rss_sink, r["rss"][-1])
+                log(f"every span exported? {r['spans_exported']}")
 
         log("accuracy: Chromium behind the delay relay")
         import accuracy
@@ -645,13 +667,13 @@ def main() -> int:
         foreign = harness.ForeignCpu().__enter__()
         r["accuracy"] = accuracy.run(
             procs,
-            lambda origins: servers.gateway(
+            lambda origins, env: servers.gateway(
                 procs,
                 "gateway-accuracy",
                 upstream.url,
                 workers=1,
                 otlp_endpoint=keep_sink.url,
-                env={"OTEL_BSP_SCHEDULE_DELAY": "100"},
+                env={**env, "OTEL_BSP_SCHEDULE_DELAY": str(accuracy.SCHEDULE_DELAY_MS)},
                 allowed_origins=origins,
             ),
             keep_sink,
