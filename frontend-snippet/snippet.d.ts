@@ -55,7 +55,12 @@ export interface ClockState {
  * response arrives (rtt and pre still null) and when its Resource Timing
  * entry is matched. */
 export interface LatencyGatewayDetail {
-  /** Trace and span id of the request's traceparent (the page's own when it set one). */
+  /** Trace and span id of the request's traceparent (the page's own when it set one).
+   * The snippet's own traceparent has flags 03 (sampled), or, when it was
+   * loaded from a gateway as /__gateway/snippet.js?sampled=gateway (or
+   * .mjs?sampled=gateway) and that gateway samples by trace-id ratio, 03 or
+   * 02 as the gateway will decide for this trace id (README, "The sampled
+   * flag, as the gateway will decide it"). */
   traceId: string;
   spanId: string;
   /** The absolute URL and the method, upper case. */

@@ -38,6 +38,9 @@
   // CORS (GATEWAY_ALLOWED_ORIGINS) as one anchored pattern, as a JSON string;
   // null in a copy served from anywhere else (a versioned URL, npm).
   const SERVED_ALLOW_LIST = /*@gateway-allowed-origins*/ null;
+  // Served as /__gateway/snippet.js?sampled=gateway by a gateway whose
+  // sampler is a trace-id ratio: its bound (see traceparent), else null.
+  const SAMPLE_BOUND = /*@gateway-sample-bound*/ null;
   const noop = () => {};
   /** f(), or undefined when it throws: the page must never see our errors. */
   const safely = (f) => {
@@ -61,9 +64,14 @@
       .reduce((text, byte) => text + (byte | 256).toString(16).slice(1), "");
     return /[^0]/.test(digits) ? digits : hex(byteCount, random);
   };
-  // Flags 03 = sampled + Trace Context Level 2's random-trace-id bit: the ids
-  // come from crypto.getRandomValues.
-  const traceparent = (traceIdHex, spanIdHex) => `00-${traceIdHex}-${spanIdHex}-03`;
+  /** Flags: Trace Context Level 2's random-trace-id bit (02), as the ids come
+   * from crypto.getRandomValues, plus sampled (01) when the gateway's sampler
+   * will keep the trace: below sampleBound, the bound of its trace-id ratio
+   * sampler (OpenTelemetry TraceIdRatioBased: the id's lower 64 bits < bound)
+   * as 16 lowercase hex digits, which compare as strings exactly as the
+   * numbers do. No bound (null): every trace is sampled. */
+  const traceparent = (traceIdHex, spanIdHex, sampleBound = SAMPLE_BOUND) =>
+    `00-${traceIdHex}-${spanIdHex}-0${!sampleBound || traceIdHex.slice(16) < sampleBound ? 3 : 2}`;
 
   /** X-Client-Clock: the best sample, its age at `now` and the latest token. */
   const clockHeader = (bestSample, token, now) =>
@@ -189,8 +197,9 @@
   // -- per-origin state and the sync burst ---------------------------------------------
 
   // The fetch we wrapped (set once, by the first init), the first gateway
-  // origin, the beacon timer, and the options of the last init().
-  let pageFetch, firstGateway, flushTimer, beaconOn, burstSize, flushMs, traceContextMode;
+  // origin, the beacon timer, and a copy of the options of the last init(),
+  // read where they apply.
+  let pageFetch, firstGateway, flushTimer, settings;
   const MARK = Symbol(); // our mark on XHRs and matched entries
   const recentResults = []; // the last 50 request results (event details), newest last
   const awaitingEntry = []; // RequestRecords waiting for their Resource Timing entry
@@ -218,7 +227,7 @@
   const syncBurst = async (origin, state) => {
     let answered = (state.y = 0);
     try {
-      for (; answered < burstSize; answered++) {
+      for (; answered < (settings.syncSamples || 5); answered++) {
         const url = origin + RESERVED_PREFIX + "clock?n=" + answered;
         // mode "cors" is fetch()'s default (Fetch standard, Request constructor).
         let t0 = clockNow(), response = await pageFetch(url, { cache: "no-store", credentials: "omit" }), t3 = clockNow();
@@ -246,8 +255,8 @@
    * SDK set it up). Then we leave traceparent to it: two writers would orphan
    * one of the spans. */
   const pageOwnsTraceContext = () =>
-    traceContextMode == "page" ||
-    (traceContextMode != "snippet" && !!(globalScope[Symbol.for("opentelemetry.js.api.1")] || {}).trace);
+    settings.traceContext == "page" ||
+    (settings.traceContext != "snippet" && !!(globalScope[Symbol.for("opentelemetry.js.api.1")] || {}).trace);
 
   /** Our headers into headers (anything with get/set) when the URL is
    * eligible; returns the request's RequestRecord, else undefined.
@@ -270,8 +279,7 @@
     const state = gateways.get(eligible.origin),
       own = headers.get("traceparent") || pageOwnsTraceContext(),
       sentTraceparent = own || traceparent(hex(16), hex(8));
-    let timestamp = toClock(perfStart);
-    timestamp += reanchor();
+    const timestamp = toClock(perfStart) + reanchor();
     if (!own) headers.set("traceparent", sentTraceparent);
     const [, traceId, spanId] = (sentTraceparent + "").split("-");
     const record = {
@@ -343,7 +351,7 @@
     emit(detail);
     // A page-made traceparent names the page's span, not ours to report; and
     // without a token and its bind the gateway would drop the entry anyway.
-    if (beaconOn && record.k && record.k.b && !record.own) {
+    if (settings.beacon != false && record.k && record.k.b && !record.own) {
       // A beacon entry, in the shape the gateway's beacon.py parses: tp, m
       // (method), u (url), tok and b (the token and its bind), off, and the
       // entry's marks on C. Sent within flushMs, or at once from the 20th.
@@ -361,7 +369,7 @@
         off: round3((best(state.s) || {}).off),
         marks,
       });
-      queued < 20 ? flushTimer || (flushTimer = setTimeout(flush, flushMs)) : flush();
+      queued < 20 ? flushTimer || (flushTimer = setTimeout(flush, settings.flushMs || 5e3)) : flush();
     }
   };
 
@@ -406,31 +414,36 @@
     };
   };
 
+  /** object[name] runs before(...its arguments) first, guarded, then the
+   * original with the same this and arguments, and returns what it returns. */
+  const wrapMethod = (object, name, before) => {
+    const original = object[name];
+    object[name] = function () {
+      safely(() => before.apply(this, arguments));
+      return original.apply(this, arguments);
+    };
+  };
+
   const wrapXHR = (proto) => {
-    const { open, send, setRequestHeader } = proto;
+    const setRequestHeader = proto.setRequestHeader;
     // this[MARK] = {m: method, u: url, tp: a traceparent the page set}.
-    proto.open = function (method, url) {
-      safely(() => (this[MARK] = { m: (method + "").toUpperCase(), u: url }));
-      return open.apply(this, arguments);
-    };
-    proto.setRequestHeader = function (name, value) {
-      safely(() => /^traceparent$/i.test(name) && (this[MARK].tp = value));
-      return setRequestHeader.apply(this, arguments);
-    };
-    proto.send = function () {
+    wrapMethod(proto, "open", function (method, url) {
+      this[MARK] = { m: (method + "").toUpperCase(), u: url };
+    });
+    wrapMethod(proto, "setRequestHeader", function (name, value) {
+      /^traceparent$/i.test(name) && (this[MARK].tp = value);
+    });
+    wrapMethod(proto, "send", function () {
       const perfStart = perf.now(), opened = this[MARK];
-      safely(() => {
-        // tagRequest() asks only for the traceparent, and sets with the real setRequestHeader.
-        const headers = { get: () => opened.tp, set: (name, value) => setRequestHeader.call(this, name, value) };
-        const record = tagRequest(headers, opened.m, opened.u, perfStart);
-        // A later open() starts another request: only this one's loadend counts.
-        if (record)
-          this.addEventListener("loadend", () => this[MARK] == opened && responded(record, (name) => this.getResponseHeader(name), this.status), {
-            once: true,
-          });
-      });
-      return send.apply(this, arguments);
-    };
+      // tagRequest() asks only for the traceparent, and sets with the real setRequestHeader.
+      const headers = { get: () => opened.tp, set: (name, value) => setRequestHeader.call(this, name, value) };
+      const record = tagRequest(headers, opened.m, opened.u, perfStart);
+      // A later open() starts another request: only this one's loadend counts.
+      if (record)
+        this.addEventListener("loadend", () => this[MARK] == opened && responded(record, (name) => this.getResponseHeader(name), this.status), {
+          once: true,
+        });
+    });
   };
 
   // -- init and configuration ------------------------------------------------------------
@@ -445,10 +458,7 @@
   const init = (options = {}) => {
     safely(() => {
       if (!doc || !globalScope.fetch) return;
-      beaconOn = options.beacon != false;
-      burstSize = options.syncSamples || 5;
-      flushMs = options.flushMs || 5e3;
-      traceContextMode = options.traceContext;
+      settings = Object.assign({}, options);
       // Wrap once: fetch, XHR, history.pushState, and the listeners.
       if (!pageFetch) {
         pageFetch = globalScope.fetch;
@@ -468,13 +478,7 @@
         stateOf(location.origin).on = 1; // same-origin: no CORS to ask for
         wrapFetch();
         wrapXHR(XMLHttpRequest.prototype);
-        safely(() => {
-          const browserHistory = history, pushState = browserHistory.pushState;
-          browserHistory.pushState = function () {
-            reanchor();
-            return pushState.apply(this, arguments);
-          };
-        });
+        safely(() => wrapMethod(history, "pushState", reanchor));
       }
       for (const gatewayUrl of options.gatewayOrigins || [])
         safely(() => {

@@ -2,9 +2,10 @@
 "What the proxy does (and does not) change").
 
 What it is for: ``clock`` (the snippet's sync burst), ``snippet.js`` /
-``snippet.mjs`` (the snippet, cacheable, with this deployment's allow-list)
-and ``snippet-<version>.js`` / ``.mjs`` (the same for every deployment,
-immutable, for Subresource Integrity), ``beacon`` (browser timings →
+``snippet.mjs`` (the snippet, cacheable, with this deployment's allow-list,
+and with ``?sampled=gateway`` its sampler's trace-id ratio too, see
+``sampling.py``) and ``snippet-<version>.js`` / ``.mjs`` (the same for every
+deployment, immutable, for Subresource Integrity), ``beacon`` (browser timings →
 browser spans, see ``beacon.py``), ``health`` (liveness, with detail for
 operators only) and ``ready`` (readiness, for load balancers), CORS
 preflights for these, and a JSON 404 for anything else under the prefix.
@@ -30,7 +31,7 @@ from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from opentelemetry.trace import TracerProvider as ApiTracerProvider
 
-from gateway import __version__, beacon, measure, proxy, timing
+from gateway import __version__, beacon, measure, proxy, sampling, timing
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
 from gateway.http import JSON, json_error, ms
@@ -55,6 +56,13 @@ SNIPPET_PATH: Final = snippet_path(
 )
 #: Where the served snippet receives the allow-list (a JSON string, or null).
 ALLOWED_ORIGINS_MARKER: Final = b"/*@gateway-allowed-origins*/ null"
+#: Where the snippet served at ?sampled=gateway receives the bound of the
+#: gateway's trace-id ratio sampler (a JSON string of 16 hex digits, or null).
+SAMPLE_BOUND_MARKER: Final = b"/*@gateway-sample-bound*/ null"
+#: The query a page adds to the snippet's URL to get that bound. A URL of
+#: its own, so each variant has its own cache entry (RFC 9111 §2: the cache
+#: key is the target URI, query included) and its own ETag.
+SAMPLED_QUERY: Final = ("sampled", "gateway")
 #: Importing the module initialises nothing; its init() also gets the
 #: allow-list of the gateway it came from (import.meta.url), so requests to
 #: that gateway are tagged from the first one, as with the classic script.
@@ -118,6 +126,9 @@ class Reserved:
         #: (classic, module) bodies with their ETags; start-up work, before
         #: the loop serves anything.
         self.snippet: tuple[tuple[bytes, str], tuple[bytes, str]] | None = None
+        #: The same with the sampler's bound written in (?sampled=gateway):
+        #: the same bytes when the sampler is no trace-id ratio.
+        self.sampled_snippet: tuple[tuple[bytes, str], tuple[bytes, str]] | None = None
         #: The same for the versioned URLs: the marker left as it is (null).
         self.versioned_snippet: tuple[tuple[bytes, str], tuple[bytes, str]] | None = None
         if SNIPPET_PATH.is_file():
@@ -126,6 +137,9 @@ class Reserved:
             classic = served_snippet(source, allowed)
             module = served_snippet(source + SNIPPET_MODULE_FOOTER, allowed)
             self.snippet = ((classic, etag_of(classic)), (module, etag_of(module)))
+            bound = sampling.snippet_bound(self.sampler)
+            classic, module = with_sample_bound(classic, bound), with_sample_bound(module, bound)
+            self.sampled_snippet = ((classic, etag_of(classic)), (module, etag_of(module)))
             module = source + SNIPPET_MODULE_FOOTER
             self.versioned_snippet = ((source, etag_of(source)), (module, etag_of(module)))
 
@@ -257,11 +271,17 @@ class Reserved:
         and CDNs commonly ignore ``Vary: Origin``, so a verdict cached for one
         page would reach another (one not enabled would then send headers
         that need a preflight the gateway refuses). The same bytes for every
-        page are safe in any cache; the snippet checks its own origin."""
-        if self.snippet is None:
+        page are safe in any cache; the snippet checks its own origin.
+
+        With ``?sampled=gateway`` the page asks for the bound of the
+        gateway's trace-id ratio sampler too (``sampling.py``), so that its
+        ``traceparent`` flags say what the gateway will decide. Any other
+        query is no request for it: the plain variant."""
+        if self.snippet is None or self.sampled_snippet is None:
             return json_error(404, f"snippet not found at {SNIPPET_PATH}")
         module = request.path.endswith(".mjs")
-        body, etag = self.snippet[module]
+        asked = SAMPLED_QUERY in request.query.items()
+        body, etag = (self.sampled_snippet if asked else self.snippet)[module]
         headers = CIMultiDict(
             {
                 "ETag": etag,
@@ -377,6 +397,13 @@ def served_snippet(source: bytes, allowed_pattern: str | None) -> bytes:
     JSON string (valid JavaScript; U+2028/2029 arrive escaped) or null."""
     value = json.dumps(allowed_pattern).encode()
     return source.replace(ALLOWED_ORIGINS_MARKER, b"/*@gateway-allowed-origins*/ " + value)
+
+
+def with_sample_bound(body: bytes, bound: str | None) -> bytes:
+    """The served snippet with the sampler's bound (16 hex digits, or None)
+    written at its marker, as a JSON string or null."""
+    value = json.dumps(bound).encode()
+    return body.replace(SAMPLE_BOUND_MARKER, b"/*@gateway-sample-bound*/ " + value)
 
 
 def snippet_response(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, Page
+from playwright.async_api import Browser, BrowserContext, Page, Request
 
 from tests.browser import DemoThread, WsgiThread, chromium, skew_script
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -75,11 +75,18 @@ class OnePage(WsgiThread):
         self.url += "/"
 
 
-def start_gateway(stack: ExitStack, backend: Process, receiver: OtlpReceiver, origin: str) -> str:
+def start_gateway(
+    stack: ExitStack,
+    backend: Process,
+    receiver: OtlpReceiver,
+    origin: str,
+    extra_env: dict[str, str] | None = None,
+) -> str:
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "200",
         "GATEWAY_CLOCK_KEY": "browser-test-clock-key",
+        **(extra_env or {}),
     }
     args = ["--upstream", backend.url, "--port", "0", "--workers", "1"]
     gateway = stack.enter_context(Process("gateway", [*args, "--allowed-origins", origin], env))
@@ -336,6 +343,55 @@ async def test_the_module_variant_tags_the_first_request_too(
     ]
     assert server.attributes["gateway.context.source"] == "traceparent"
     assert server.attributes["latency.status"] == "unsynced"
+
+
+async def test_the_sampled_flag_matches_the_gateways_ratio_sampling(
+    browser: Browser, backend_proc: Process, receiver: OtlpReceiver, demo_port: int
+) -> None:
+    """A page that loads the snippet with ?sampled=gateway from a gateway
+    sampling half its traces (traceidratio 0.5): each request's traceparent
+    flags say what the gateway did, 03 for a trace whose SERVER span the
+    OTLP receiver gets, 02 (random bit kept, not sampled) for one it never
+    gets."""
+    origin = f"http://127.0.0.1:{demo_port}"
+    count = 24
+    with ExitStack() as stack:
+        ratio = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}
+        base = start_gateway(stack, backend_proc, receiver, origin, ratio)
+        html = f"""<!doctype html>
+          <script src="{base}/__gateway/snippet.js?sampled=gateway"></script>
+          <script>
+            (async () => {{
+              for (let i = 0; i < {count}; i++)
+                await fetch("{base}/api/echo/sampled-" + i).then((r) => r.json());
+              window.done = true;
+            }})().catch((e) => (window.done = String(e)));
+          </script>"""
+        page_server = stack.enter_context(OnePage(html, demo_port))
+        context = await browser.new_context()
+        page = await context.new_page()
+        sent: dict[str, str] = {}  # trace id → flags, as the request left Chromium
+
+        def record(request: Request) -> None:
+            if "/api/echo/sampled-" in request.url:
+                _, trace_id, _, flags = request.headers["traceparent"].split("-")
+                sent[trace_id] = flags
+
+        page.on("request", record)
+        await page.goto(page_server.url)
+        assert await _wait_for(page, "window.done") is True
+        await context.close()
+    assert len(sent) == count
+    sampled = {trace_id for trace_id, flags in sent.items() if flags == "03"}
+    assert set(sent.values()) == {"02", "03"}, sent  # 2^-23 to fail by chance
+    spans = receiver.wait_for(
+        lambda spans: (
+            sampled <= {s.trace_id for s in spans if s.service == "gateway" and s.kind == SERVER}
+        )
+    )
+    servers = {s.trace_id for s in spans if s.service == "gateway" and s.kind == SERVER}
+    # The dropped ones are never recorded, so there is nothing late to wait for.
+    assert servers & set(sent) == sampled
 
 
 async def test_a_single_page_navigation_resyncs_only_after_a_clock_jump(

@@ -8,33 +8,53 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import random
 import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 from gateway import __version__
+from gateway.app import create_app
+from gateway.config import GatewayConfig
 from gateway.cors import Cors
-from gateway.reserved import ALLOWED_ORIGINS_MARKER, SNIPPET_PATH
+from gateway.reserved import ALLOWED_ORIGINS_MARKER, SAMPLE_BOUND_MARKER, SNIPPET_PATH
+from latency_common.telemetry import Telemetry
 from tests.browser import chromium
-from tests.conftest import GatewayFactory
-from tests.servers import free_port
+from tests.conftest import GatewayFactory, make_traced
+from tests.servers import Process, free_port, raw_request
 from tests.test_browser import OnePage
 
 ORIGIN = {"Origin": "http://localhost:3000"}
 ALLOWED = ("http://localhost:3000", "https://*.example.com")
 
 
-def allow_list_in(body: bytes) -> str | None:
-    """The value the gateway wrote at the snippet's marker (JSON), parsed."""
-    marker = ALLOWED_ORIGINS_MARKER.removesuffix(b"null")
+def marker_value(body: bytes, marker: bytes) -> str | None:
+    """The value the gateway wrote at one of the snippet's markers (JSON), parsed."""
+    marker = marker.removesuffix(b"null")
     start = body.index(marker) + len(marker)
     value, _ = json.JSONDecoder().raw_decode(body[start:].decode())
     assert value is None or isinstance(value, str)
     return value
+
+
+def allow_list_in(body: bytes) -> str | None:
+    return marker_value(body, ALLOWED_ORIGINS_MARKER)
+
+
+def sample_bound_in(body: bytes) -> str | None:
+    return marker_value(body, SAMPLE_BOUND_MARKER)
 
 
 async def test_snippet_is_served_cacheable_with_etag(
@@ -127,7 +147,141 @@ def test_browser_pattern_gives_the_same_verdict_as_cors(origin: str) -> None:
     assert bool(re.fullmatch(pattern, origin)) == granted
 
 
-# -- the versioned URLs: the same bytes from every gateway, for SRI -------------------
+# -- ?sampled=gateway: the bound of the gateway's trace-id ratio sampler -----------------
+
+SAMPLED = "?sampled=gateway"
+
+
+@pytest.fixture
+async def sampler_gateway(backend: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    """``await sampler_gateway(name, arg)`` → a gateway whose sampler the SDK
+    built from ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, as in
+    production (``arg`` None: unset)."""
+    servers: list[TestServer] = []
+
+    async def start(name: str, arg: str | None) -> str:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
+        if arg is None:
+            monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG", raising=False)
+        else:
+            monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", arg)
+        traced = make_traced(sampler=None, service="gateway")  # None: from the environment
+        config = GatewayConfig().replace(upstream=backend.url, workers=1, clock_key=b"k" * 32)
+        server = TestServer(
+            create_app(config, telemetry=Telemetry(traced.provider, traced.processor))
+        )
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            await server.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "arg", "bound"),
+    [
+        ("traceidratio", "0.5", "8000000000000000"),
+        ("parentbased_traceidratio", "0.25", "4000000000000000"),
+        ("parentbased_traceidratio", "0.001", f"{round(0.001 * 2**64):016x}"),
+        ("traceidratio", "0", "0000000000000000"),  # nothing sampled
+        ("parentbased_traceidratio", "1", None),  # everything: no bound needed
+        ("always_on", None, None),
+        ("parentbased_always_on", None, None),
+        ("always_off", None, None),
+    ],
+)
+async def test_the_sampled_variant_carries_the_bound_of_a_ratio_sampler(
+    sampler_gateway: Any, http: aiohttp.ClientSession, name: str, arg: str | None, bound: str | None
+) -> None:
+    base = await sampler_gateway(name, arg)
+    for path in ("/__gateway/snippet.js", "/__gateway/snippet.mjs"):
+        async with http.get(base + path) as resp:
+            plain, plain_etag = await resp.read(), resp.headers["ETag"]
+        async with http.get(base + path + SAMPLED) as resp:
+            assert resp.status == 200
+            assert resp.headers["Cache-Control"] == "public, max-age=300"
+            sampled, etag = await resp.read(), resp.headers["ETag"]
+        # Not asked: null, whatever the sampler (the page keeps flags 03).
+        assert sample_bound_in(plain) is None
+        assert sample_bound_in(sampled) == bound
+        # The only difference is the bound: one entity tag per body.
+        assert (
+            sampled.replace(
+                b"/*@gateway-sample-bound*/ " + json.dumps(bound).encode(), SAMPLE_BOUND_MARKER
+            )
+            == plain
+        )
+        assert (etag == plain_etag) == (bound is None)
+        async with http.get(base + path + SAMPLED, headers={"If-None-Match": etag}) as resp:
+            assert resp.status == 304
+        if bound is not None:
+            # RFC 9110 §13.1.2: the plain variant's tag does not match this body.
+            async with http.get(
+                base + path + SAMPLED, headers={"If-None-Match": plain_etag}
+            ) as resp:
+                assert resp.status == 200
+    # The versioned URLs keep their bytes (and integrity hash): no bound.
+    async with http.get(f"{base}/__gateway/snippet-{__version__}.js{SAMPLED}") as resp:
+        assert sample_bound_in(await resp.read()) is None
+
+
+@pytest.fixture(scope="module")
+def ratio_gateway() -> Iterator[Process]:
+    """``python -m gateway`` with ``traceidratio`` 0.5 from its environment."""
+    env = {
+        "OTEL_TRACES_SAMPLER": "traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.5",
+        "GATEWAY_CLOCK_KEY": "sampled-flag-test-clock-key",
+    }
+    args = ["--upstream", "http://127.0.0.1:9", "--port", "0", "--workers", "1"]
+    with Process("gateway", args, env) as gateway:
+        yield gateway
+        _, stderr = gateway.terminate()
+    assert "Traceback" not in stderr
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    query=st.one_of(
+        st.binary(max_size=80),
+        st.from_regex(rb"[a-z=&]{0,30}", fullmatch=True),
+        st.builds(
+            lambda before, after: before + b"sampled=gateway" + after,
+            st.sampled_from([b"", b"x=1&", b"sampled=no&", b"&&"]),
+            st.binary(max_size=20),
+        ),
+    )
+)
+def test_any_query_gets_one_of_the_two_variants_never_an_error(
+    ratio_gateway: Process, query: bytes
+) -> None:
+    """Hostile query bytes, raw on the socket: the plain variant, unless the
+    query holds the pair sampled=gateway; at worst a 400 from the HTTP
+    parser for bytes a request target may not hold (RFC 9112 §3.2)."""
+    response = raw_request(
+        ratio_gateway.port,
+        b"GET /__gateway/snippet.js?"
+        + query
+        + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    status = int(response.split(b" ", 2)[1])
+    if status == 400:
+        assert re.search(rb"[\x00-\x20\x7f-\xff#]", query)
+        return
+    assert status == 200
+    body = response.partition(b"\r\n\r\n")[2]
+    bound = sample_bound_in(body)
+    assert bound in (None, "8000000000000000")
+    # Where no parser can read the query another way (no escapes, spaces,
+    # "+", "#"), exactly the pair sampled=gateway asks.
+    if re.fullmatch(rb"[A-Za-z0-9=&._~-]*", query):
+        asked = ("sampled", "gateway") in parse_qsl(query.decode())
+        assert (bound is not None) == asked
+
 
 VERSIONED = (
     f"/__gateway/snippet-{__version__}.js",
@@ -233,3 +387,88 @@ async def test_chromium_runs_the_pinned_snippet_and_refuses_altered_bytes(
                     outcomes.append(await page.evaluate("typeof window.LatencyGateway"))
                 await context.close()
     assert outcomes == [True, "undefined"]
+
+
+#: Runs a served snippet in Node (as helpers.js does for the tests there: the
+#: closure gets one export line) and prints the flags of traceparent(id, …)
+#: for each trace id, with the bound the gateway wrote in.
+NODE_FLAGS = r"""
+const vm = require("node:vm");
+const input = JSON.parse(require("node:fs").readFileSync(0, "utf8"));
+const source = input.body.replace(/\}\)\(\);\s*$/, "module.exports = { traceparent };\n})();\n");
+const helpers = { exports: {} };
+vm.runInThisContext(`(function (module) {${source}})`)(helpers);
+const traceparent = (id) => helpers.exports.traceparent(id, "b7ad6b7169203331");
+const flags = input.ids.map((id) => traceparent(id).split("-")[3]);
+process.stdout.write(JSON.stringify(flags));
+"""
+
+
+def node_flags(body: bytes, trace_ids: list[str]) -> list[str]:
+    node = shutil.which("node")
+    assert node, "node is not installed (Debian: apt-get install nodejs)"
+    done = subprocess.run(
+        [node, "-e", NODE_FLAGS],
+        input=json.dumps({"body": body.decode(), "ids": trace_ids}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    flags: list[str] = json.loads(done.stdout)
+    return flags
+
+
+@pytest.mark.parametrize(
+    ("name", "rate"),
+    [
+        ("traceidratio", 0.5),
+        ("parentbased_traceidratio", 1 / 3),
+        ("traceidratio", 0.001),
+        ("parentbased_traceidratio", 0.999),
+        ("traceidratio", 1e-19),
+        ("traceidratio", 0.0),
+        ("traceidratio", 1.0),
+    ],
+)
+async def test_the_served_snippet_decides_as_the_sdks_ratio_sampler(
+    sampler_gateway: Any, http: aiohttp.ClientSession, name: str, rate: float
+) -> None:
+    """The snippet the gateway serves at ?sampled=gateway, run by Node, flags
+    a trace sampled (03) exactly when Python's TraceIdRatioBased with the
+    gateway's ratio samples it, else 02, for random ids and the ids at the
+    bound."""
+    base = await sampler_gateway(name, repr(rate))
+    async with http.get(base + "/__gateway/snippet.js" + SAMPLED) as resp:
+        body = await resp.read()
+    reference = TraceIdRatioBased(rate)
+    rng = random.Random(f"{name} {rate}")
+    lows = [0, 1, 2**63, 2**64 - 1]
+    lows += [
+        b for b in (reference.bound - 1, reference.bound, reference.bound + 1) if 0 <= b < 2**64
+    ]
+    trace_ids = [f"{rng.getrandbits(64) | 1:016x}{low:016x}" for low in lows]
+    trace_ids += [f"{rng.getrandbits(128) | 1:032x}" for _ in range(2000)]
+    expected = [
+        "03" if reference.should_sample(None, int(t, 16), "x").decision.is_sampled() else "02"
+        for t in trace_ids
+    ]
+    flags = node_flags(body, trace_ids)
+    assert flags == expected
+    # And the gateway, asked with the snippet's traceparent as the remote
+    # parent (a parent-based sampler follows its flag), decides the same.
+    gateway_sampler = (
+        ParentBasedTraceIdRatio if name.startswith("parentbased") else TraceIdRatioBased
+    )(rate)
+    for trace_id, flag in zip(trace_ids, flags, strict=True):
+        parent = SpanContext(
+            int(trace_id, 16),
+            0xB7AD6B7169203331,
+            is_remote=True,
+            trace_flags=TraceFlags(int(flag, 16)),
+        )
+        context = set_span_in_context(NonRecordingSpan(parent))
+        decision = gateway_sampler.should_sample(context, int(trace_id, 16), "GET").decision
+        assert decision.is_sampled() == (flag == "03"), trace_id
+    if 0.1 < rate < 0.9:
+        assert {"02", "03"} <= set(flags)

@@ -24,6 +24,8 @@ const FOOTER =
 const MARKER = "/*@gateway-allowed-origins*/ null";
 // Stryker's instrumenter (make mutate) prints the marker without the space.
 const MARKER_IN_SRC = /\/\*@gateway-allowed-origins\*\/\s*null/g;
+// Where a gateway with a trace-id ratio sampler writes its bound (?sampled=gateway).
+const SAMPLE_MARKER_IN_SRC = /\/\*@gateway-sample-bound\*\/\s*null/g;
 const fetchBeforeLoad = globalThis.fetch;
 const S = require("./helpers.js");
 
@@ -53,6 +55,7 @@ test("the file is plain ES2017, as a classic script and as the .mjs the gateway 
   // Where the gateway writes its allow-list: once in the file, once in the footer.
   assert.equal(SRC.match(MARKER_IN_SRC).length, 1);
   assert.equal(FOOTER.split(MARKER).length, 2);
+  assert.equal(SRC.match(SAMPLE_MARKER_IN_SRC).length, 1);
   // The check bites: optional catch binding is ES2019.
   assert.throws(() => acorn.parse("try {} catch {}", { ecmaVersion: 2017 }));
 });
@@ -83,6 +86,36 @@ test("traceparent: version 00, 32 + 16 lowercase hex, flags 03, fresh each time"
     seen.add(tp);
   }
   assert.equal(seen.size, 200);
+});
+
+/** What OpenTelemetry's TraceIdRatioBased decides for a trace id: sampled
+ * iff its lower 64 bits are below the bound (BigInt, as Python's ints). */
+const ratioSampled = (traceIdHex, boundHex) => BigInt("0x" + traceIdHex.slice(16)) < BigInt("0x" + boundHex);
+const flagsOf = (tp) => tp.split("-")[3];
+
+test("traceparent flags: 03 below the gateway's ratio bound, 02 from it on, 03 with no bound", () => {
+  const bounds = ["0000000000000000", "0000000000000001", "7fffffffffffffff", "8000000000000000", "8000000000000001", "fffffffffffffffe", "ffffffffffffffff"];
+  for (let i = 0; i < 20; i++) bounds.push(S.hex(8));
+  const upper = "0af7651916cd43dd8448eb211c80319c".slice(0, 16);
+  for (const bound of bounds) {
+    const value = BigInt("0x" + bound);
+    // The lower halves at and around the bound, and the extremes.
+    const lows = [0n, 1n, value - 1n, value, value + 1n, 2n ** 64n - 1n].filter((v) => v >= 0n && v < 2n ** 64n);
+    const ids = lows.map((v) => upper + v.toString(16).padStart(16, "0"));
+    for (let i = 0; i < 50; i++) ids.push(S.hex(16));
+    for (const id of ids) {
+      const tp = S.traceparent(id, "b7ad6b7169203331", bound);
+      assert.equal(flagsOf(tp), ratioSampled(id, bound) ? "03" : "02", `${id} against ${bound}`);
+      assert.equal(tp, `00-${id}-b7ad6b7169203331-${flagsOf(tp)}`);
+    }
+  }
+  // At the bound itself: not sampled (strictly below), as in the SDK.
+  assert.equal(flagsOf(S.traceparent("f".repeat(16) + "8000000000000000", "1".repeat(16), "8000000000000000")), "02");
+  assert.equal(flagsOf(S.traceparent("0".repeat(16) + "7fffffffffffffff", "1".repeat(16), "8000000000000000")), "03");
+  // Ratio 0: nothing, not even the lowest id.
+  assert.equal(flagsOf(S.traceparent("1".repeat(16) + "0".repeat(16), "1".repeat(16), "0000000000000000")), "02");
+  // No bound (a copy not served with one, or a ratio of 1): every trace.
+  for (const none of [null, undefined]) assert.equal(flagsOf(S.traceparent("f".repeat(32), "1".repeat(16), none)), "03");
 });
 
 test("trace and span ids are never all zeros (W3C Trace Context §3.2.2.3-4)", () => {
@@ -806,6 +839,44 @@ test("beacon: off when asked, and never for a page-made traceparent", async () =
   q.observe();
   q.api.flush();
   assert.equal(q.beacons.length, 0);
+});
+
+// -- the sampled flag: the bound the gateway serves at ?sampled=gateway --------------------
+
+/** snippet.js as a gateway with a trace-id ratio sampler serves it at ?sampled=gateway. */
+const servedWithBound = (bound) => SRC.replace(SAMPLE_MARKER_IN_SRC, `/*@gateway-sample-bound*/ ${JSON.stringify(bound)}`);
+
+test("served with a bound: each request's flags are the gateway's decision for its trace id", async () => {
+  for (const bound of ["8000000000000000", "0000000000000000", null]) {
+    const p = page({ src: bound ? servedWithBound(bound) : SRC });
+    await synced(p);
+    const flags = new Set();
+    for (let i = 0; i < 40; i++) {
+      await p.ctx.fetch(GW + "/api/x");
+      const xhr = new p.ctx.XMLHttpRequest();
+      xhr.open("GET", "/api/y");
+      xhr.send();
+      const fetched = sent(p.calls.at(-1)).traceparent;
+      const posted = new Map(xhr.sent).get("traceparent");
+      for (const tp of [fetched, posted]) {
+        const traceId = tp.split("-")[1];
+        assert.equal(flagsOf(tp), !bound || ratioSampled(traceId, bound) ? "03" : "02", `${tp} against ${bound}`);
+        flags.add(flagsOf(tp));
+      }
+      // The event detail names the same trace.
+      assert.equal(p.api.requests.at(-1).traceId, fetched.split("-")[1]);
+    }
+    // 80 draws at 1/2: both decisions show (a miss is 2^-79).
+    assert.deepEqual([...flags].sort(), { "8000000000000000": ["02", "03"], "0000000000000000": ["02"], null: ["03"] }[bound]);
+  }
+});
+
+test("a page's own traceparent keeps its flags, whatever the served bound", async () => {
+  const p = page({ src: servedWithBound("0000000000000000") });
+  await synced(p);
+  const own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+  await p.ctx.fetch(GW + "/api/x", { headers: { traceparent: own } });
+  assert.equal(sent(p.calls[0]).traceparent, own);
 });
 
 // -- the first request: the allow-list the gateway serves ---------------------------------
