@@ -69,8 +69,19 @@ log = logging.getLogger("gateway.spans")
 _PLAIN: Final = frozenset((str, bool, int, float))
 
 _UNSET: Final = Status(StatusCode.UNSET)
-_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
-_DEFAULT: Final = TraceFlags(TraceFlags.DEFAULT)
+_DROP: Final = Decision.DROP
+_RECORD_AND_SAMPLE: Final = Decision.RECORD_AND_SAMPLE
+#: (sampled, random trace id) → the new span's trace flags (W3C Trace
+#: Context Level 2, trace-flags, "Random Trace ID Flag": the bit follows the
+#: trace id, so a child keeps its parent's; the SDK sets it the same way).
+_FLAGS: Final = {
+    (sampled, random): TraceFlags(
+        (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+        | (TraceFlags.RANDOM_TRACE_ID if random else 0)
+    )
+    for sampled in (False, True)
+    for random in (False, True)
+}
 
 
 class LightTracer(trace_api.Tracer):
@@ -120,9 +131,7 @@ class LightTracer(trace_api.Tracer):
             random_trace_id = parent.trace_flags.random_trace_id
         result = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         decision = result.decision
-        flags = _SAMPLED if decision is Decision.RECORD_AND_SAMPLE else _DEFAULT
-        if random_trace_id:
-            flags = TraceFlags(flags | TraceFlags.RANDOM_TRACE_ID)
+        flags = _FLAGS[decision is _RECORD_AND_SAMPLE, bool(random_trace_id)]
         span_context = SpanContext(
             trace_id,
             self.id_generator.generate_span_id(),
@@ -130,7 +139,7 @@ class LightTracer(trace_api.Tracer):
             trace_flags=flags,
             trace_state=result.trace_state,
         )
-        if decision is Decision.DROP:
+        if decision is _DROP:
             return NonRecordingSpan(span_context)
         return LightSpan(
             self, name, span_context, parent, kind, result.attributes, links, start_time
@@ -177,6 +186,15 @@ class LightTracer(trace_api.Tracer):
             if link and _valid_link(link)
         ]
         return BoundedList.from_seq(limits.max_links, valid)
+
+
+def _all_plain(attributes: Mapping[str, types.AnyValue]) -> bool:
+    """Every key a non-empty str and every value a plain str/int/float/bool."""
+    plain = _PLAIN
+    for key, value in attributes.items():
+        if type(key) is not str or not key or type(value) not in plain:
+            return False
+    return True
 
 
 def _valid_link(link: Link) -> bool:
@@ -230,10 +248,7 @@ class LightSpan(trace_api.Span):
         if (
             tracer.bounded
             or (limit is not None and len(attributes) > limit)
-            or not all(
-                type(key) is str and key and type(value) in _PLAIN
-                for key, value in attributes.items()
-            )
+            or not _all_plain(attributes)
         ):
             table = BoundedAttributes(
                 limit,
