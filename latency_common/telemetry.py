@@ -52,13 +52,13 @@ log = logging.getLogger(__name__)
 DEFAULT_OTLP_ENDPOINT = "http://127.0.0.1:4318"
 
 #: Spans per export batch unless ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` says
-#: otherwise. The processor thread encodes a whole batch while holding the GIL,
-#: which stalls the gateway's event loop: with the official encoder 512-span
-#: batches pushed p99 from 5.6 ms to 29 ms here, 64-span batches to 13 ms
-#: (README, "Benchmarks"). ``otlp_encode`` takes ~8 µs a span, so a 64-span
-#: batch holds the GIL for about 0.5 ms; the gateway's process also shortens
-#: the interpreter's switch interval (``gateway/cli.py``) so that no single hold
-#: runs past that.
+#: otherwise. The processor thread builds and posts a whole batch while
+#: holding the GIL, which stalls the gateway's event loop: with the official
+#: encoder 512-span batches pushed p99 from 5.6 ms to 29 ms here, 64-span
+#: batches to 13 ms (README, "Benchmarks"). The gateway's own spans now
+#: arrive encoded (``gateway/spans.py``), so a batch costs the thread the
+#: join and the post; the gateway's process also shortens the interpreter's
+#: switch interval (``gateway/cli.py``) so that no single hold runs long.
 DEFAULT_EXPORT_BATCH_SIZE = 64
 
 #: Loggers the OTLP exporter and the batch processor complain through.
