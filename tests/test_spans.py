@@ -11,16 +11,20 @@ must be what the exporter would have written for it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as official
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
@@ -46,9 +50,17 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import Attributes
 
+from gateway.app import create_app
+from gateway.config import GatewayConfig
 from gateway.spans import LightSpan, LightTracer, gateway_tracer
+from latency_common import attributes as attr
 from latency_common.otlp_encode import EncodedSpan, encode_span
 from latency_common.telemetry import Telemetry
+from tests.conftest import make_traced
+from tests.servers import BackendThread, free_port
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+TRACEPARENT_UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
 
 
 class CountingIds(IdGenerator):
@@ -343,3 +355,85 @@ def test_start_as_current_span_makes_the_span_current_and_ends_it() -> None:
         assert trace_api.get_current_span() is outer
     [span] = pipeline.memory.get_finished_spans()
     assert span.name == "outer"
+
+
+#: Requests a browser or a client may send: traced and not, a method the
+#: gateway refuses, one it does not know, a query to redact, a body, a 404
+#: and an upstream that is not there.
+GATEWAY_REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
+    ("GET", "/api/activities/home", {"traceparent": TRACEPARENT, "User-Agent": "t"}, b""),
+    ("GET", "/api/activities/home?token=s3cret&page=2", {}, b""),
+    ("POST", "/api/activities", {"traceparent": TRACEPARENT}, b'{"message": "hi"}'),
+    ("TRACE", "/", {"traceparent": TRACEPARENT}, b""),
+    ("PROPFIND", "/dav", {}, b""),
+    ("GET", "/no-such-page", {"traceparent": TRACEPARENT_UNSAMPLED}, b""),
+]
+
+
+def _normalised(spans: Sequence[ReadableSpan], roots: bool) -> ExportTraceServiceRequest:
+    """The export request minus what differs from run to run: span ids,
+    times, the measured durations and (for requests without a parent) the
+    trace id."""
+    message = official(spans)
+    for resource_spans in message.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                span.span_id = b""
+                if span.kind == 3:  # CLIENT: its parent is the SERVER span
+                    span.parent_span_id = b""
+                if roots:
+                    span.trace_id = b""
+                span.start_time_unix_nano = span.end_time_unix_nano = 0
+                kept = [a for a in span.attributes if a.key not in MEASURED]
+                del span.attributes[:]
+                span.attributes.extend(kept)
+    return message
+
+
+MEASURED = {attr.GATEWAY_MS, attr.UPSTREAM_MS}
+
+
+@pytest.mark.parametrize("trust", ["continue", "link"])
+@pytest.mark.parametrize("span_kinds", [("server",), ("server", "client")])
+async def test_the_gateway_exports_the_same_spans_with_light_and_sdk_spans(
+    backend: BackendThread,
+    http: aiohttp.ClientSession,
+    trust: str,
+    span_kinds: tuple[str, ...],
+) -> None:
+    sdk = make_traced(service="gateway")
+    light = make_traced(service="gateway")
+    urls: dict[str, str] = {}
+    servers: list[TestServer] = []
+    for name, upstream in (("up", backend.url), ("down", f"http://127.0.0.1:{free_port()}")):
+        config = GatewayConfig().replace(
+            upstream=upstream, clock_key=b"k" * 32, trust_context=trust, spans=span_kinds
+        )
+        for kind, app in (
+            ("sdk", create_app(config, tracer_provider=sdk.provider)),
+            ("light", create_app(config, telemetry=Telemetry(light.provider, light.processor))),
+        ):
+            server = TestServer(app, host="127.0.0.1", port=0)
+            await server.start_server()
+            servers.append(server)
+            urls[f"{name}-{kind}"] = str(server.make_url("")).rstrip("/")
+    try:
+        for name in ("up", "down"):
+            for method, path, headers, body in GATEWAY_REQUESTS:
+                for kind in ("sdk", "light"):
+                    async with http.request(
+                        method, urls[f"{name}-{kind}"] + path, headers=headers, data=body
+                    ) as response:
+                        await response.read()
+                    traced = sdk if kind == "sdk" else light
+                    assert len(traced.spans()) >= 1
+                theirs, ours = sdk.spans(), light.spans()
+                assert all(isinstance(span, EncodedSpan) for span in ours)
+                assert not any(isinstance(span, EncodedSpan) for span in theirs)
+                roots = "traceparent" not in headers or trust == "link"
+                assert _normalised(ours, roots) == _normalised(theirs, roots), (method, path)
+                sdk.exporter.clear()
+                light.exporter.clear()
+    finally:
+        for server in servers:
+            await server.close()
