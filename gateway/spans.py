@@ -176,21 +176,19 @@ class LightTracer(trace_api.Tracer):
     def bounded_links(self, links: Sequence[Link]) -> BoundedList[Link]:
         """``Span._new_links``: valid links only, each link's attributes and
         the list bounded by the limits."""
+        valid = [self.bounded_link(link) for link in links if link and _valid_link(link)]
+        return BoundedList.from_seq(self.limits.max_links, valid)
+
+    def bounded_link(self, link: Link) -> Link:
+        """The link with its attributes bounded by the limits, as the SDK stores it."""
         limits = self.limits
-        valid = [
-            Link(
-                link.context,
-                BoundedAttributes(
-                    limits.max_link_attributes,
-                    link.attributes,
-                    max_value_len=limits.max_attribute_length,
-                    immutable=True,
-                ),
-            )
-            for link in links
-            if link and _valid_link(link)
-        ]
-        return BoundedList.from_seq(limits.max_links, valid)
+        attributes = BoundedAttributes(
+            limits.max_link_attributes,
+            link.attributes,
+            max_value_len=limits.max_attribute_length,
+            immutable=True,
+        )
+        return Link(link.context, attributes)
 
 
 def _all_plain(attributes: Mapping[str, types.AnyValue]) -> bool:
@@ -348,6 +346,20 @@ class LightSpan(trace_api.Span):
             immutable=True,
         )
         self._events.append(Event(name=name, attributes=bounded, timestamp=timestamp))
+
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        # Span.add_link of opentelemetry-sdk 1.45.1: an invalid link is
+        # ignored before the ended-span check.
+        link = Link(context, attributes)
+        if not _valid_link(link):
+            return
+        if self._end_time is not None:
+            log.warning("Tried calling %s on an ended span.", "_add_link")
+            return
+        links = self._links
+        if not isinstance(links, BoundedList):
+            links = self._links = BoundedList(self._tracer.limits.max_links)
+        links.append(self._tracer.bounded_link(link))
 
     def record_exception(
         self,

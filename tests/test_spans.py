@@ -136,22 +136,6 @@ values = st.one_of(*[plain_values] * 12, other_values)
 keys = st.one_of(*[st.sampled_from(KEYS[:-1])] * 8, st.sampled_from(KEYS), st.text(max_size=6))
 attribute_sets = st.dictionaries(keys, values, max_size=8)
 
-operations = st.lists(
-    st.one_of(
-        st.tuples(st.just("set"), keys, values),
-        st.tuples(st.just("set_many"), attribute_sets),
-        st.tuples(
-            st.just("status"),
-            st.sampled_from(list(StatusCode)),
-            st.one_of(st.none(), st.text(max_size=6)),
-            st.booleans(),
-        ),
-        st.tuples(st.just("event"), st.text(max_size=6), attribute_sets),
-        st.tuples(st.just("rename"), st.text(max_size=6)),
-    ),
-    max_size=12,
-)
-
 
 @st.composite
 def parents(draw: st.DrawFn) -> Context | None:
@@ -179,6 +163,24 @@ def link_lists(draw: st.DrawFn) -> list[Link]:
         )
         links.append(Link(context, draw(st.one_of(st.none(), attribute_sets))))
     return links
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), keys, values),
+        st.tuples(st.just("set_many"), attribute_sets),
+        st.tuples(
+            st.just("status"),
+            st.sampled_from(list(StatusCode)),
+            st.one_of(st.none(), st.text(max_size=6)),
+            st.booleans(),
+        ),
+        st.tuples(st.just("event"), st.text(max_size=6), attribute_sets),
+        st.tuples(st.just("rename"), st.text(max_size=6)),
+        st.tuples(st.just("link"), link_lists()),
+    ),
+    max_size=12,
+)
 
 
 limit_sets = st.builds(
@@ -242,6 +244,9 @@ def _run(
                     target.set_status(op[1], op[2])
             elif op[0] == "event":
                 target.add_event(op[1], op[2], timestamp=script["start"] + 2)
+            elif op[0] == "link":
+                for link in op[1]:
+                    target.add_link(link.context, link.attributes)
             else:
                 target.update_name(op[1])
     for target in reversed(started):
