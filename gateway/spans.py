@@ -30,8 +30,9 @@ loop), where the SDK's span locks on every call in case it is not.
 
 Not for: spans of a provider the embedder passed in (``create_app(
 tracer_provider=…)``, or a ``Telemetry`` without a processor): those keep the
-SDK's ``Tracer``, whatever processors the provider has. Not for events-heavy
-or context-manager use either: the gateway ends its spans explicitly.
+SDK's ``Tracer``, whatever processors the provider has. Events, exceptions,
+links added later and ``start_as_current_span`` behave as the SDK's, for
+whoever embeds the gateway; the gateway itself uses none of them.
 """
 
 from __future__ import annotations

@@ -178,6 +178,7 @@ operations = st.lists(
         st.tuples(st.just("event"), st.text(max_size=6), attribute_sets),
         st.tuples(st.just("rename"), st.text(max_size=6)),
         st.tuples(st.just("link"), link_lists()),
+        st.tuples(st.just("exception"), st.text(max_size=6), st.booleans()),
     ),
     max_size=12,
 )
@@ -244,6 +245,10 @@ def _run(
                     target.set_status(op[1], op[2])
             elif op[0] == "event":
                 target.add_event(op[1], op[2], timestamp=script["start"] + 2)
+            elif op[0] == "exception":
+                target.record_exception(
+                    ValueError(op[1]), {"k": 1}, timestamp=script["start"] + 3, escaped=op[2]
+                )
             elif op[0] == "link":
                 for link in op[1]:
                     target.add_link(link.context, link.attributes)
