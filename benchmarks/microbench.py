@@ -48,7 +48,9 @@ def measure_steps() -> list[tuple[str, str, float | None, str]]:
     from opentelemetry.trace import SpanKind, set_span_in_context
 
     from gateway import context, measure, proxy
+    from gateway import spans as spans_module
     from gateway.config import GatewayConfig, TimingRate
+    from latency_common.telemetry import Telemetry
 
     # The rate limit lifted, as in the load runs: every call runs the checks.
     config = GatewayConfig().replace(
@@ -88,8 +90,18 @@ def measure_steps() -> list[tuple[str, str, float | None, str]]:
 
     resource = Resource.create({"service.name": "gateway"})
     batch_provider = TracerProvider(resource=resource)
-    batch_provider.add_span_processor(BatchSpanProcessor(Discard()))
-    tracer = batch_provider.get_tracer("gateway")
+    batch_processor = BatchSpanProcessor(Discard())
+    batch_provider.add_span_processor(batch_processor)
+    sdk_tracer = batch_provider.get_tracer("gateway")
+    # What the gateway uses when telemetry built the provider (gateway/spans.py).
+    tracer = spans_module.gateway_tracer(
+        batch_provider, Telemetry(batch_provider, batch_processor), "gateway", "bench"
+    )
+    memory_light = InMemorySpanExporter()
+    memory_light_processor = SimpleSpanProcessor(memory_light)
+    memory_light_tracer = spans_module.gateway_tracer(
+        batch_provider, Telemetry(batch_provider, memory_light_processor), "gateway", "bench"
+    )
     memory = InMemorySpanExporter()
     memory_provider = TracerProvider(resource=resource)
     memory_provider.add_span_processor(SimpleSpanProcessor(memory))
@@ -194,14 +206,20 @@ def measure_steps() -> list[tuple[str, str, float | None, str]]:
         lambda: proxy.response_headers(upstream_headers),
     )
     step(
-        "SERVER span (the default): start, 16 latency/http attributes, end → batch queue",
-        "OTel SDK via gateway/app.py handle/_forward + measure.record",
+        "SERVER span (the default): start, 16 latency/http attributes, end + OTLP encoding"
+        " → batch queue",
+        "gateway/spans.py via gateway/app.py handle/_forward + measure.record",
         lambda: spans(tracer, with_client=False),
     )
     step(
         "(SERVER + CLIENT span instead, with GATEWAY_SPANS=server,client)",
-        "OTel SDK via gateway/app.py handle/_forward + measure.record",
+        "gateway/spans.py via gateway/app.py handle/_forward + measure.record",
         lambda: spans(tracer),
+    )
+    step(
+        "(the SDK's SERVER span, as before gateway/spans.py; no encoding)",
+        "OTel SDK Tracer.start_span / Span",
+        lambda: spans(sdk_tracer, with_client=False),
     )
     # What the processor thread does with the request's span, holding the GIL.
     try:
@@ -209,10 +227,18 @@ def measure_steps() -> list[tuple[str, str, float | None, str]]:
 
         from latency_common.otlp_encode import encode_spans as fast_encode_spans
 
-        spans(memory_provider.get_tracer("gateway"), with_client=False)
-        batch = list(memory.get_finished_spans())[-1:] * 64  # the default batch size
+        spans(memory_light_tracer, with_client=False)
+        encoded = list(memory_light.get_finished_spans())[-1:] * 64  # the default batch size
         step(
-            "OTLP encoding of the SERVER span, otlp_encode (export thread, GIL held)",
+            "export request body from 64 spans encoded as they ended (export thread, GIL held)",
+            "latency_common/otlp_encode.py encode_spans",
+            lambda: fast_encode_spans(encoded),
+            per_request=1 / 64,
+        )
+        spans(memory_provider.get_tracer("gateway"), with_client=False)
+        batch = list(memory.get_finished_spans())[-1:] * 64
+        step(
+            "(OTLP encoding of SDK SERVER spans at export, otlp_encode, as before)",
             "latency_common/otlp_encode.py encode_spans",
             lambda: fast_encode_spans(batch),
             per_request=1 / 64,

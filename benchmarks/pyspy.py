@@ -32,8 +32,15 @@ _GIL_WAIT = ("take_gil", "pthread_cond_timedwait")
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("latency checks (gateway/timing.py, measure.py)", ("gateway/timing.py", "gateway/measure.py")),
     (
-        "spans: start/end/attributes, context (OTel SDK/API)",
-        ("opentelemetry/sdk/", "opentelemetry/trace/", "opentelemetry/context/"),
+        "spans: start/end/attributes, context, encoding as they end (OTel SDK/API,"
+        " gateway/spans.py)",
+        (
+            "opentelemetry/sdk/",
+            "opentelemetry/trace/",
+            "opentelemetry/context/",
+            "gateway/spans.py",
+            "latency_common/otlp_",
+        ),
     ),
     ("trace context extract/inject (gateway/context.py)", ("gateway/context.py",)),
     ("CORS (gateway/cors.py)", ("gateway/cors.py",)),

@@ -52,7 +52,7 @@ from opentelemetry.trace import (
     TracerProvider as ApiTracerProvider,
 )
 
-from gateway import __version__, context, measure, proxy, timing
+from gateway import __version__, context, measure, proxy, spans, timing
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
 from gateway.http import json_error, method_attribute, ms, span_name
@@ -408,7 +408,7 @@ def create_app(
         provider: ApiTracerProvider = telemetry.provider
     else:
         provider = tracer_provider if tracer_provider is not None else get_tracer_provider()
-    tracer = provider.get_tracer("gateway", __version__)
+    tracer = spans.gateway_tracer(provider, telemetry, "gateway", __version__)
     gateway = Gateway(config, tracer)
     reserved = Reserved(config, gateway.cors, gateway.measurement, provider, telemetry)
     # aiohttp's keep-alive timer starts when a connection opens and again after

@@ -36,7 +36,7 @@ import requests
 import requests.utils
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler
 from opentelemetry.util.re import parse_env_headers
@@ -52,13 +52,13 @@ log = logging.getLogger(__name__)
 DEFAULT_OTLP_ENDPOINT = "http://127.0.0.1:4318"
 
 #: Spans per export batch unless ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` says
-#: otherwise. The processor thread encodes a whole batch while holding the GIL,
-#: which stalls the gateway's event loop: with the official encoder 512-span
-#: batches pushed p99 from 5.6 ms to 29 ms here, 64-span batches to 13 ms
-#: (README, "Benchmarks"). ``otlp_encode`` takes ~8 µs a span, so a 64-span
-#: batch holds the GIL for about 0.5 ms; the gateway's process also shortens
-#: the interpreter's switch interval (``gateway/cli.py``) so that no single hold
-#: runs past that.
+#: otherwise. The processor thread builds and posts a whole batch while
+#: holding the GIL, which stalls the gateway's event loop: with the official
+#: encoder 512-span batches pushed p99 from 5.6 ms to 29 ms here, 64-span
+#: batches to 13 ms (README, "Benchmarks"). The gateway's own spans now
+#: arrive encoded (``gateway/spans.py``), so a batch costs the thread the
+#: join and the post; the gateway's process also shortens the interpreter's
+#: switch interval (``gateway/cli.py``) so that no single hold runs long.
 DEFAULT_EXPORT_BATCH_SIZE = 64
 
 #: Loggers the OTLP exporter and the batch processor complain through.
@@ -301,11 +301,17 @@ class CountingSpanProcessor(BatchSpanProcessor):
 class Telemetry:
     """The handles a process keeps on what it built: the provider to start
     spans with, the span processor spans built elsewhere (browser spans from
-    beacons) are handed to, and the guarded exporter's counters."""
+    beacons, the gateway's own spans: ``gateway/spans.py``) are handed to,
+    the span limits the provider applies, and the guarded exporter's
+    counters. With a processor, it must be the provider's only one: spans
+    handed to it directly reach no other."""
 
     provider: TracerProvider
     processor: SpanProcessor | None = None
     exporter: GuardedExporter | None = field(default=None)
+    #: None: ``SpanLimits()``, from the ``OTEL_*_LIMIT`` variables, as the
+    #: provider's default.
+    span_limits: SpanLimits | None = None
 
     def exporter_status(self) -> dict[str, Any]:
         """For ``/__gateway/health``: spans handed to the batch processor,
@@ -341,7 +347,10 @@ def build_telemetry(
     """
     env = os.environ
     sampler = default_sampler if "OTEL_TRACES_SAMPLER" not in env else None
-    provider = TracerProvider(resource=build_resource(default_service_name), sampler=sampler)
+    limits = SpanLimits()
+    provider = TracerProvider(
+        resource=build_resource(default_service_name), sampler=sampler, span_limits=limits
+    )
     exporter = build_exporter(env)
     batch_size = None if "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" in env else DEFAULT_EXPORT_BATCH_SIZE
     processor = CountingSpanProcessor(exporter, max_export_batch_size=batch_size)
@@ -349,7 +358,7 @@ def build_telemetry(
     _install_export_log_limits()
     service = provider.resource.attributes.get(SERVICE_NAME)
     log.info("spans from %s go to %s", service, describe_destination(env))
-    return Telemetry(provider, processor, exporter)
+    return Telemetry(provider, processor, exporter, limits)
 
 
 def build_tracer_provider(

@@ -34,7 +34,12 @@ from opentelemetry.trace.status import Status, StatusCode
 from opentelemetry.util.types import Attributes
 
 from latency_common import otlp_exporter
-from latency_common.otlp_encode import encode_spans, encode_spans_dropping_invalid
+from latency_common.otlp_encode import (
+    EncodedSpan,
+    encode_span,
+    encode_spans,
+    encode_spans_dropping_invalid,
+)
 from latency_common.otlp_exporter import FastOTLPSpanExporter
 from tests.conftest import GatewayFactory, Traced
 from tests.otlp_receiver import OtlpReceiver
@@ -226,6 +231,10 @@ REFUSALS = (ValueError, TypeError, OverflowError, KeyError)
 
 
 def _span(**changes: Any) -> ReadableSpan:
+    return ReadableSpan(**_span_fields(**changes))
+
+
+def _span_fields(**changes: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "name": "GET",
         "context": SpanContext(0xABC, 0xDEF, False),
@@ -237,7 +246,7 @@ def _span(**changes: Any) -> ReadableSpan:
         "instrumentation_scope": SCOPES[0],
     }
     fields.update(changes)
-    return ReadableSpan(**fields)
+    return fields
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS), ids=list(CORRUPTIONS))
@@ -442,3 +451,21 @@ def test_random_batches_reach_a_real_receiver_as_the_official_encoding() -> None
             check()
         finally:
             exporter.shutdown()
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS), ids=list(CORRUPTIONS))
+def test_spans_encoded_as_they_ended_make_the_same_body_and_a_bad_one_is_dropped_alone(
+    corruption: str,
+) -> None:
+    fields = [_span_fields(name="A"), _span_fields(name="B", resource=RESOURCES[2])]
+    good = [EncodedSpan(**f) for f in fields]
+    assert all(span.wire is not None for span in good)
+    bad = EncodedSpan(**_span_fields(**CORRUPTIONS[corruption]))
+    assert bad.wire is None
+    batch = encode_spans_dropping_invalid([good[0], bad, good[1]])
+    plain = [ReadableSpan(**f) for f in fields]
+    assert batch.body == official(plain).SerializeToString()
+    assert batch.dropped == 1
+    # The export thread sends the bytes written when the span ended, as they are.
+    good[1].wire = encode_span(_span(name="C"))
+    assert encode_spans([good[1]]).count(b"\x2a\x01C") == 1
