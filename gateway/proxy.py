@@ -344,7 +344,8 @@ class StallTimer:
 #: What aiohttp's server raises from a request body the client did not finish:
 #: ``ConnectionResetError`` when the connection was lost (or half-closed:
 #: aiohttp closes on EOF), ``RequestPayloadError`` when its parser refused the
-#: body's bytes (bad chunk framing, a Content-Encoding that does not decode).
+#: body's bytes (bad chunk framing in its pure-Python parser; a Content-Encoding
+#: that does not decode, where a server decodes bodies, which ours does not).
 _BODY_ERRORS: Final = (web.RequestPayloadError, ConnectionError)
 
 

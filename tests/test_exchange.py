@@ -723,8 +723,9 @@ async def test_a_streamed_body_the_client_does_not_finish_is_its_400_not_an_upst
 
 
 async def test_a_body_the_server_cannot_decode_is_a_400_that_closes_not_a_500() -> None:
-    """aiohttp's server decodes a request's Content-Encoding and raises its
-    RequestPayloadError for bytes that do not decode: the client's fault."""
+    """This app keeps aiohttp's default of decoding a request's
+    Content-Encoding (the gateway turns it off): a body that does not decode
+    makes aiohttp's parser raise RequestPayloadError, the client's fault."""
     async with RecordingUpstream() as up, exchange(up.url) as ex:
         answer = await _post(
             ex, b"Content-Encoding: gzip\r\nContent-Length: 20\r\n", b"\x1f\x8b" + b"x" * 18

@@ -10,6 +10,7 @@ import json
 import logging
 import socket
 import time
+import zlib
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -364,6 +365,30 @@ async def test_no_body_for_head_204_304(gateway: GatewayFactory, method: str, pa
     assert first.startswith(b"HTTP/1.1 " + (b"200" if method == "HEAD" else path[-3:].encode()))
     if method == "HEAD":
         assert b"content-length:" in first.lower()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_request_body_reaches_the_backend_byte_for_byte(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, encoding: str
+) -> None:
+    """The backend gets the bytes the client sent with the Content-Encoding
+    it sent (RFC 9110 §8.4): the gateway decodes nothing, and a body that
+    would not decode passes as it is (the backend's to refuse), never a 500."""
+    base = await gateway()
+    plain = b"hello backend " * 100
+    for data in (
+        gzip.compress(plain) if encoding == "gzip" else zlib.compress(plain),
+        b"\x1f\x8b?",
+    ):
+        echo = await _echo(
+            http,
+            base + "/api/echo",
+            method="POST",
+            data=data,
+            headers={"Content-Encoding": encoding},
+        )
+        assert echo["body_sha256"] == hashlib.sha256(data).hexdigest()
+        assert _headers(echo)["content-encoding"] == [encoding]
 
 
 async def test_large_request_body_streams_with_its_hash(
