@@ -744,7 +744,9 @@ async def cut_client(request: web.Request, response: web.Response) -> web.Respon
     read to its end, so nothing after it can be parsed, and a client that
     stalled once gets no lingering read (nginx closes after its 408 too)."""
     response.force_close()
-    with contextlib.suppress(OSError, TimeoutError):
+    # A client that is gone (ClientConnectionResetError) or that does not take
+    # the answer in time (TimeoutError): both are OSErrors, and both just close.
+    with contextlib.suppress(OSError):
         async with asyncio.timeout(_LAST_WORDS_TIMEOUT_S):
             await response.prepare(request)
             await response.write_eof()

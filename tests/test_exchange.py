@@ -820,3 +820,42 @@ async def test_an_upstream_that_does_not_accept_in_time_is_a_504_after_the_conne
     assert (status, body) == (504, b"upstream timed out")
     assert ex.outcomes == [proxy.Failure(504, "upstream timed out", "timeout")]
     assert 0.5 <= elapsed_s < 5
+
+
+async def test_the_last_words_to_a_client_that_does_not_read_take_at_most_a_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``cut_client``'s answer (the 408 to a stalled body) goes out within
+    a second or not at all: to a client that stopped reading an earlier
+    answer, so that the socket and asyncio's buffer past its high-water mark
+    are full, the handler is not held until it reads, and nothing raises."""
+    caplog.set_level(logging.WARNING)
+    took_s: list[float] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        # What an unread earlier answer leaves behind: more than the kernel's
+        # buffers and asyncio's 64 KiB high-water mark hold.
+        transport.write(b"x" * (16 * 1024 * 1024))
+        started = time.monotonic()
+        response = await proxy.cut_client(request, web.Response(status=408, text="stalled"))
+        took_s.append(time.monotonic() - started)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await writer.drain()
+        await _wait_for(lambda: bool(took_s), timeout_s=5)  # never reading a byte
+    finally:
+        writer.transport.abort()
+        await runner.cleanup()
+    assert 1.0 <= took_s[0] < 3.0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
