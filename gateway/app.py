@@ -415,8 +415,15 @@ def create_app(
     # each response, and closes the connection if no complete request head has
     # arrived by then: it cuts idle connections and slow request heads alike
     # (tests/test_connections.py fails if a new aiohttp stops doing that).
+    # auto_decompress=False: aiohttp's server would otherwise decode a request
+    # body's Content-Encoding and the backend get plain bytes still labelled
+    # gzip; compressed bytes pass untouched, as in responses.
     app = web.Application(
-        handler_args={**proxy.PARSER_LIMITS, "keepalive_timeout": config.client_timeout_s}
+        handler_args={
+            **proxy.PARSER_LIMITS,
+            "keepalive_timeout": config.client_timeout_s,
+            "auto_decompress": False,
+        }
     )
     app[CONFIG_KEY] = config
     app.cleanup_ctx.append(gateway.session_ctx)

@@ -341,6 +341,14 @@ class StallTimer:
         self._handle = self._loop.call_at(since + self._timeout_s, self._check)
 
 
+#: What aiohttp's server raises from a request body the client did not finish:
+#: ``ConnectionResetError`` when the connection was lost (or half-closed:
+#: aiohttp closes on EOF), ``RequestPayloadError`` when its parser refused the
+#: body's bytes (bad chunk framing in its pure-Python parser; a Content-Encoding
+#: that does not decode, where a server decodes bodies, which ours does not).
+_BODY_ERRORS: Final = (web.RequestPayloadError, ConnectionError)
+
+
 class BodyReader:
     """The client's request body, read with a stall timeout and a size limit.
 
@@ -349,11 +357,13 @@ class BodyReader:
     body), so a sender that stops never holds the gateway — nor, once the
     upstream call has started, a backend thread — for longer than that.
     What went wrong stays readable on the reader (``stalled``,
-    ``received_bytes``), as aiohttp's client wraps whatever a body iterator
-    raises.
+    ``received_bytes``, ``incomplete``), as aiohttp's client wraps whatever a
+    body iterator raises in its own errors (a client that disconnects
+    mid-upload reaches the upstream call as ``ClientOSError``, indistinguishable
+    from an upstream reset).
     """
 
-    __slots__ = ("_content", "_max_bytes", "_timer", "received_bytes", "stalled")
+    __slots__ = ("_content", "_max_bytes", "_timer", "incomplete", "received_bytes", "stalled")
 
     def __init__(self, request: web.BaseRequest, *, max_bytes: int, stall_timeout_s: float):
         self._content = request.content
@@ -361,6 +371,9 @@ class BodyReader:
         self._timer = StallTimer(stall_timeout_s)
         self.received_bytes = 0
         self.stalled = False
+        #: The name of the error that ended the client's body before its end
+        #: (it disconnected, or closed its side, RFC 9112 §6.3), else None.
+        self.incomplete: str | None = None
 
     @property
     def too_large(self) -> bool:
@@ -373,6 +386,9 @@ class BodyReader:
         except TimeoutError:
             self.stalled = True
             raise ClientStalled from None
+        except _BODY_ERRORS as exc:
+            self.incomplete = type(exc).__qualname__
+            raise
         self.received_bytes += len(chunk)
         if self.received_bytes > self._max_bytes:
             raise BodyTooLarge(self.received_bytes)
@@ -386,8 +402,8 @@ class BodyReader:
 
         A declared Content-Length above ``buffer_bytes`` streams at once,
         without buffering anything. Raises :class:`ClientStalled`,
-        :class:`BodyTooLarge` or aiohttp's ``ClientPayloadError`` (the client
-        disconnected or lied about its length) while buffering.
+        :class:`BodyTooLarge` or one of ``_BODY_ERRORS`` (the client
+        disconnected, or sent bytes aiohttp's parser refused) while buffering.
         """
         if declared_bytes is not None and declared_bytes > buffer_bytes:
             return self._stream([])
@@ -460,29 +476,30 @@ async def read_body(request: web.BaseRequest, config: GatewayConfig) -> RequestB
         return Failure(408, "request body stalled", "408", cut_client=True)
     except BodyTooLarge:
         return Failure(413, "request body too large", "413")
-    except (aiohttp.ClientPayloadError, ConnectionError) as exc:
-        return Failure(400, "request body incomplete", type(exc).__qualname__)
+    except _BODY_ERRORS as exc:
+        return Failure(400, "request body incomplete", type(exc).__qualname__, cut_client=True)
     return RequestBody(data, reader)
 
 
 def classify(exc: BaseException, reader: BodyReader | None) -> Failure:
     """The answer to a failure before the upstream answered.
 
-    aiohttp's client wraps what the body iterator raised, so the reader says
-    whether the client's body was the cause.
+    aiohttp's client wraps what the body iterator raised (a client gone
+    mid-upload comes as ``ClientOSError``, or as ``ServerDisconnectedError``
+    when the upstream hung up first), so the reader, not ``exc``, says whether
+    the client's body was the cause: the upstream is never blamed for it.
     """
-    if reader is not None and reader.too_large:
-        return Failure(413, "request body too large", "413")
-    if reader is not None and reader.stalled:
-        return Failure(408, "request body stalled", "408", cut_client=True)
+    if reader is not None:
+        if reader.too_large:
+            return Failure(413, "request body too large", "413")
+        if reader.stalled:
+            return Failure(408, "request body stalled", "408", cut_client=True)
+        if reader.incomplete is not None:
+            return Failure(400, "request body incomplete", reader.incomplete, cut_client=True)
     if isinstance(exc, TimeoutError):
         return Failure(504, "upstream timed out", "timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return Failure(502, "upstream unreachable", type(exc).__qualname__)
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        # The client's own body failed mid-upload (it disconnected or lied
-        # about its length).
-        return Failure(400, "request body incomplete", type(exc).__qualname__)
     # Anything else (a reset, a malformed answer, …) is the upstream failing.
     return Failure(502, "upstream failed", type(exc).__qualname__)
 
@@ -727,7 +744,9 @@ async def cut_client(request: web.Request, response: web.Response) -> web.Respon
     read to its end, so nothing after it can be parsed, and a client that
     stalled once gets no lingering read (nginx closes after its 408 too)."""
     response.force_close()
-    with contextlib.suppress(OSError, TimeoutError):
+    # A client that is gone (ClientConnectionResetError) or that does not take
+    # the answer in time (TimeoutError): both are OSErrors, and both just close.
+    with contextlib.suppress(OSError):
         async with asyncio.timeout(_LAST_WORDS_TIMEOUT_S):
             await response.prepare(request)
             await response.write_eof()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -675,8 +676,80 @@ async def test_a_buffered_body_cut_short_by_the_client_is_a_400() -> None:
             await _wait_for(lambda: bool(ex.outcomes))
         finally:
             writer.transport.abort()
-    assert ex.outcomes == [proxy.Failure(400, "request body incomplete", "ConnectionResetError")]
+    assert ex.outcomes == [
+        proxy.Failure(400, "request body incomplete", "ConnectionResetError", cut_client=True)
+    ]
     assert up.heads == []
+
+
+def _started(up: RecordingUpstream | ScriptedUpstream) -> Callable[[], bool]:
+    """Whether the upstream has the request's head: the body streams."""
+    if isinstance(up, RecordingUpstream):
+        return lambda: bool(up.heads)
+    return lambda: bool(up.requests)
+
+
+@pytest.mark.parametrize("closes", ["its side", "the connection"])
+@pytest.mark.parametrize("reads", [True, False], ids=["upstream reads", "upstream waits"])
+async def test_a_streamed_body_the_client_does_not_finish_is_its_400_not_an_upstream_failure(
+    closes: str, reads: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 9112 §8: a body whose connection closes before its declared
+    length is incomplete, and the connection is closed. Once the body streams,
+    aiohttp's client reports the reader's error as its own ClientOSError (or
+    ServerDisconnectedError), as it would an upstream reset: only the reader
+    can tell the client was the cause, so nothing blames the upstream, and the
+    answer to a client that is gone is dropped quietly (no traceback)."""
+    caplog.set_level(logging.WARNING)
+    up = RecordingUpstream() if reads else ScriptedUpstream({"/up": stall()})
+    async with up, exchange(up.url, buffer_body_bytes=16) as ex:
+        _, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
+            writer.write(b"x" * 100)  # past the buffer: streams
+            await writer.drain()
+            await _wait_for(_started(up))
+            if closes == "its side":
+                writer.write_eof()
+            else:
+                writer.transport.abort()
+            await _wait_for(lambda: bool(ex.outcomes))
+        finally:
+            writer.transport.abort()
+    assert ex.outcomes == [
+        proxy.Failure(400, "request body incomplete", "ConnectionResetError", cut_client=True)
+    ]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_body_the_server_cannot_decode_is_a_400_that_closes_not_a_500() -> None:
+    """This app keeps aiohttp's default of decoding a request's
+    Content-Encoding (the gateway turns it off): a body that does not decode
+    makes aiohttp's parser raise RequestPayloadError, the client's fault."""
+    async with RecordingUpstream() as up, exchange(up.url) as ex:
+        answer = await _post(
+            ex, b"Content-Encoding: gzip\r\nContent-Length: 20\r\n", b"\x1f\x8b" + b"x" * 18
+        )
+    assert parse_head(answer)[:3:2] == (400, b"request body incomplete")
+    assert ex.outcomes == [
+        proxy.Failure(400, "request body incomplete", "RequestPayloadError", cut_client=True)
+    ]
+    assert up.heads == []
+
+
+async def test_a_buffered_body_read_in_many_pieces_goes_upstream_byte_for_byte() -> None:
+    """A body far larger than aiohttp's 64 KiB read buffer reaches the reader
+    in several reads (the server stops reading the socket while its buffer is
+    full); buffered whole, the pieces are joined back exactly."""
+    data = bytes(range(256)) * 2048  # 512 KiB, every offset distinct mod 256
+    async with (
+        RecordingUpstream() as up,
+        exchange(up.url, buffer_body_bytes=1024 * 1024) as ex,
+    ):
+        answer = await _post(ex, f"Content-Length: {len(data)}\r\n".encode(), data)
+    assert parse_head(answer)[0] == 200
+    assert f"content-length: {len(data)}\r\n".encode() in up.heads[0]  # buffered, not streamed
+    assert up.bodies == [data]
 
 
 async def test_concurrent_requests_each_get_an_upstream_connection_below_the_limit() -> None:
@@ -697,3 +770,92 @@ async def test_concurrent_requests_each_get_an_upstream_connection_below_the_lim
         release.set()
         answers = await asyncio.gather(*tasks)
     assert [parse_head(a)[2] for a in answers] == [b"ok"] * 3
+
+
+# -- the upstream session's settings ----------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy"])
+async def test_proxy_variables_in_the_gateways_environment_are_ignored(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway talks to GATEWAY_UPSTREAM directly: an HTTP_PROXY meant for
+    something else in its environment never reroutes (or leaks) requests."""
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with RecordingUpstream() as trap, KeepAliveUpstream({"/direct": ok}) as up:
+        monkeypatch.setenv(variable, trap.url)
+        async with exchange(up.url) as ex:
+            _, _, body = parse_head(await _get(ex, "/direct"))
+    assert body == b"ok"
+    assert up.seen == [(1, "/direct")]
+    assert trap.heads == []
+
+
+async def test_an_upstream_that_does_not_accept_in_time_is_a_504_after_the_connect_timeout() -> (
+    None
+):
+    """GATEWAY_CONNECT_TIMEOUT_S bounds the connection to the upstream: a
+    listener whose accept queue is full drops the SYN (Linux), so the connect
+    would otherwise hang for the kernel's SYN retries (about two minutes)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # one connection fills the accept queue
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            async with exchange(
+                f"http://127.0.0.1:{port}", connect_timeout_s=0.5, read_timeout_s=30
+            ) as ex:
+                started = time.monotonic()
+                status, _, body = parse_head(await _get(ex, "/full"))
+                elapsed_s = time.monotonic() - started
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert (status, body) == (504, b"upstream timed out")
+    assert ex.outcomes == [proxy.Failure(504, "upstream timed out", "timeout")]
+    assert 0.5 <= elapsed_s < 5
+
+
+async def test_the_last_words_to_a_client_that_does_not_read_take_at_most_a_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``cut_client``'s answer (the 408 to a stalled body) goes out within
+    a second or not at all: to a client that stopped reading an earlier
+    answer, so that the socket and asyncio's buffer past its high-water mark
+    are full, the handler is not held until it reads, and nothing raises."""
+    caplog.set_level(logging.WARNING)
+    took_s: list[float] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        # What an unread earlier answer leaves behind: more than the kernel's
+        # buffers and asyncio's 64 KiB high-water mark hold.
+        transport.write(b"x" * (16 * 1024 * 1024))
+        started = time.monotonic()
+        response = await proxy.cut_client(request, web.Response(status=408, text="stalled"))
+        took_s.append(time.monotonic() - started)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await writer.drain()
+        await _wait_for(lambda: bool(took_s), timeout_s=5)  # never reading a byte
+    finally:
+        writer.transport.abort()
+        await runner.cleanup()
+    assert 1.0 <= took_s[0] < 3.0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -7,18 +7,25 @@ import asyncio
 import gzip
 import hashlib
 import json
+import logging
 import socket
 import time
+import zlib
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import proxy
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+from latency_common.telemetry import Telemetry
 from tests.conftest import GatewayFactory, Traced
 from tests.servers import BackendThread, parse_head, raw_request
 from tests.upstream import ScriptedUpstream, cut_after, fixed, stall
@@ -360,6 +367,30 @@ async def test_no_body_for_head_204_304(gateway: GatewayFactory, method: str, pa
         assert b"content-length:" in first.lower()
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_request_body_reaches_the_backend_byte_for_byte(
+    gateway: GatewayFactory, http: aiohttp.ClientSession, encoding: str
+) -> None:
+    """The backend gets the bytes the client sent with the Content-Encoding
+    it sent (RFC 9110 §8.4): the gateway decodes nothing, and a body that
+    would not decode passes as it is (the backend's to refuse), never a 500."""
+    base = await gateway()
+    plain = b"hello backend " * 100
+    for data in (
+        gzip.compress(plain) if encoding == "gzip" else zlib.compress(plain),
+        b"\x1f\x8b?",
+    ):
+        echo = await _echo(
+            http,
+            base + "/api/echo",
+            method="POST",
+            data=data,
+            headers={"Content-Encoding": encoding},
+        )
+        assert echo["body_sha256"] == hashlib.sha256(data).hexdigest()
+        assert _headers(echo)["content-encoding"] == [encoding]
+
+
 async def test_large_request_body_streams_with_its_hash(
     gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -553,6 +584,66 @@ async def test_upstream_silent_is_504_after_read_timeout(
         assert time.monotonic() - started >= 0.5
     server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
     assert (server.attributes or {})["error.type"] == "timeout"
+
+
+async def test_a_client_gone_mid_upload_is_its_400_on_the_spans_not_an_upstream_failure(
+    gateway_spans: Traced, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes before the end of the body it declared, while
+    that body streams upstream (above GATEWAY_BUFFER_BODY_BYTES): the SERVER
+    span says 400 and the client's error (RFC 9112 §8: the message is
+    incomplete), the CLIENT span the same; nothing is logged as an upstream
+    failure, and the answer to the departed client is dropped without a
+    traceback. Run as the CLI runs it: a departing client does not cancel the
+    handler (aiohttp's TestServer would)."""
+    caplog.set_level(logging.WARNING)
+    async with ScriptedUpstream({"/upload": stall()}) as up:
+        config = GatewayConfig().replace(
+            upstream=up.url,
+            workers=1,
+            clock_key=b"k" * 32,
+            buffer_body_bytes=16,
+            spans=("server", "client"),
+        )
+        app = create_app(config, telemetry=Telemetry(gateway_spans.provider))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            port = runner.addresses[0][1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(
+                    b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n" + b"x" * 100
+                )
+                await writer.drain()
+                await _until(lambda: bool(up.requests))
+            finally:
+                writer.transport.abort()
+            await _until(lambda: any(s.kind.name == "SERVER" for s in gateway_spans.spans()))
+        finally:
+            await runner.cleanup()
+    client = next(s for s in gateway_spans.spans() if s.kind.name == "CLIENT")
+    server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
+    server_attrs = server.attributes or {}
+    assert server_attrs["http.response.status_code"] == 400
+    assert server_attrs["error.type"] == "ConnectionResetError"
+    assert server.status.status_code.name == "UNSET"  # a 4xx is the client's (semconv)
+    assert (client.attributes or {})["error.type"] == "ConnectionResetError"
+    assert client.status.description == "request body incomplete"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s * 100)):
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
 
 
 @pytest.mark.parametrize(
