@@ -33,7 +33,8 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceSt
 from opentelemetry.trace.status import Status, StatusCode
 from opentelemetry.util.types import Attributes
 
-from latency_common import otlp_exporter
+from latency_common import otlp_exporter, telemetry
+from latency_common.logs import RateLimitFilter
 from latency_common.otlp_encode import (
     EncodedSpan,
     encode_span,
@@ -403,6 +404,25 @@ async def test_exporter_keeps_the_sdks_environment_compression_headers_and_retri
     assert receiver.bodies[0] == encode_spans(spans_)  # as aiohttp un-gzipped it
 
 
+@pytest.fixture
+def export_logs_unlimited() -> Iterator[None]:
+    """The export loggers without the once-a-minute limit an earlier test's
+    telemetry put on them (it would swallow the line this test reads)."""
+    stashed = {}
+    for name in telemetry._EXPORT_LOGGERS:
+        logger = logging.getLogger(name)
+        stashed[name] = [f for f in logger.filters if isinstance(f, RateLimitFilter)]
+        for limit in stashed[name]:
+            logger.removeFilter(limit)
+    try:
+        yield
+    finally:
+        for name, limits in stashed.items():
+            for limit in limits:
+                logging.getLogger(name).addFilter(limit)
+
+
+@pytest.mark.usefixtures("export_logs_unlimited")
 async def test_exporter_drops_only_the_span_that_cannot_be_encoded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
