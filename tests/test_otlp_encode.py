@@ -93,17 +93,26 @@ scalars = st.one_of(
     st.floats(allow_nan=False),
     st.binary(max_size=12),
 )
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # A named function, not a lambda: hypothesis reads an extend function's
+    # source to check it recurses, and a multi-line lambda's source is read
+    # wrongly whenever the file changed on disk since it was imported.
+    return st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(texts | st.integers(-3, 3) | st.none(), inner, max_size=3),
+    )
+
+
 # Beyond what the SDK's attribute cleaning lets through: mixed sequences,
 # None, mappings (their keys go through str()), ints outside int64 and
 # unknown types (the official encoder leaves such an attribute out, and so
 # must we).
 values = st.recursive(
     st.one_of(scalars, st.none(), st.integers(-(2**70), 2**70), st.builds(object), st.just(2**63)),
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4),
-        st.lists(inner, max_size=3).map(tuple),
-        st.dictionaries(texts | st.integers(-3, 3) | st.none(), inner, max_size=3),
-    ),
+    _containers,
     max_leaves=6,
 )
 homogeneous = st.one_of(
