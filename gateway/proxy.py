@@ -309,7 +309,9 @@ class StallTimer:
         self._fired = False
 
     async def wait(self, awaitable: Awaitable[_T]) -> _T:
-        task = asyncio.current_task()
+        # With the loop given, current_task skips get_running_loop (on 3.11
+        # a getpid() system call).
+        task = asyncio.current_task(self._loop)
         now = self._loop.time()
         self._task, self._pending_since, self._fired = task, now, False
         if self._handle is None:
@@ -518,6 +520,14 @@ class ProxyResponse(web.StreamResponse):
 
     __slots__ = ("keep",)
 
+    #: aiohttp's StreamResponse sends its head on ``prepare`` (its own
+    #: ``web.Response`` does not): holding it back lets ``Upstream.relay`` send
+    #: the head and an already arrived body in one write (one send instead of
+    #: two per response), and flush it early for a streamed body. aiohttp has
+    #: no public switch for this; tests/test_proxy.py checks the attribute
+    #: still exists and what the client receives.
+    _send_headers_immediately = False
+
     def __init__(self, *, status: int, reason: str | None, keep: frozenset[str]) -> None:
         super().__init__(status=status, reason=reason)
         #: Which of ``content-type`` and ``server`` the upstream sent.
@@ -658,13 +668,25 @@ class Upstream:
         completed = False
         to_client = _ClientWrites(self._client_timeout_s)
         try:
+            # ProxyResponse holds its head back until the first body bytes,
+            # so that head and body leave in one send.
             await to_client.send(response.prepare(request))
+            last = b""
             if request.method != "HEAD" and answer.status not in (204, 304):
-                # Errors reading the upstream raise from the iterator itself;
+                # Errors reading the upstream raise from its stream itself;
                 # errors writing to the client come wrapped as _ClientGone.
-                async for chunk in answer.content.iter_any():
-                    await to_client.send(response.write(chunk))
-            await to_client.send(response.write_eof())
+                content = answer.content
+                last = content.read_nowait()  # what already arrived
+                if not content.at_eof():
+                    # More to come: the head goes now, with what arrived (a
+                    # client of a stream sees the head before the upstream's
+                    # next byte), then the rest as it arrives.
+                    await to_client.send(response.write(last))
+                    async for chunk in content.iter_any():
+                        await to_client.send(response.write(chunk))
+                    last = b""
+            # A body that had all arrived goes out with the head and the end.
+            await to_client.send(response.write_eof(last))
             completed = True
             return COMPLETE
         except _ClientGone as gone:
