@@ -300,9 +300,9 @@ class StallTimer:
 
     __slots__ = ("_fired", "_handle", "_loop", "_pending_since", "_task", "_timeout_s")
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._timeout_s = timeout_s
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
         self._pending_since: float | None = None
         self._task: asyncio.Task[object] | None = None
@@ -579,7 +579,7 @@ class Upstream:
     that stops reading. The session is the caller's: it is not closed here.
     """
 
-    __slots__ = ("_authority", "_client_timeout_s", "_scheme", "_session")
+    __slots__ = ("_authority", "_client_timeout_s", "_loop", "_scheme", "_session")
 
     def __init__(
         self, base_url: URL, session: aiohttp.ClientSession, client_timeout_s: float
@@ -588,6 +588,9 @@ class Upstream:
         self._authority = base_url.raw_authority
         self._session = session
         self._client_timeout_s = client_timeout_s
+        # The session's loop, known at the first relay: asking for the running
+        # loop costs a getpid() system call per request on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def target(self, raw_target: str) -> URL | Failure:
         """The upstream URL for a request target, path and query byte for byte."""
@@ -666,7 +669,10 @@ class Upstream:
         next request on it).
         """
         completed = False
-        to_client = _ClientWrites(self._client_timeout_s)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        to_client = _ClientWrites(self._client_timeout_s, loop)
         try:
             # ProxyResponse holds its head back until the first body bytes,
             # so that head and body leave in one send.
@@ -724,8 +730,8 @@ class _ClientWrites:
 
     __slots__ = ("_timer",)
 
-    def __init__(self, timeout_s: float) -> None:
-        self._timer = StallTimer(timeout_s)
+    def __init__(self, timeout_s: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = StallTimer(timeout_s, loop)
 
     async def send(self, write: Awaitable[object]) -> None:
         try:
