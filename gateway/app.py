@@ -217,11 +217,10 @@ class Gateway:
         self, request: web.Request, exchange: _Exchange, fwd: proxy.Forwarding
     ) -> web.StreamResponse:
         server_span = exchange.server_span
-        server_ctx = server_span.get_span_context()
-        trace_id = f"{server_ctx.trace_id:032x}"
         config = self.config
 
         def fail(status: int, message: str, error_type: str) -> web.Response:
+            trace_id = f"{server_span.get_span_context().trace_id:032x}"
             server_span.set_attribute("http.response.status_code", status)
             server_span.set_attribute("error.type", error_type)
             if status >= 500:
