@@ -145,17 +145,8 @@ EQUIVALENT: Final[dict[str, str]] = {
     ),
     "gateway.timing.x__b64__mutmut_7": "codec names are case-insensitive",
     "gateway.timing.x__mac__mutmut_6": "codec names are case-insensitive",
-    "gateway.timing.x_evaluate__mutmut_255": (
-        "the corrected branch recomputes base's chain interval from the same arguments"
-    ),
-    "gateway.timing.x_evaluate__mutmut_256": (
-        "the corrected branch recomputes base's chain interval from the same arguments"
-    ),
     "gateway.timing.x_verify_bind__mutmut_3": "a bind is 22 characters: none is near 64",
     "gateway.timing.x_verify_bind__mutmut_4": "a bind is 22 characters: none is near 64",
-    "gateway.timing.x_parse_dictionary__mutmut_18": (
-        "a member without `=` has an empty value, which `not value` refuses anyway"
-    ),
     "gateway.timing.xǁRateLimiterǁallow__mutmut_22": "`last=None` is as falsy as `last=False`",
     "gateway.proxy.x_connection_tokens__mutmut_3": (
         "getall's default only feeds `if not values`: None and () are both empty"
