@@ -135,8 +135,10 @@ def gateway(
     otlp_endpoint: str,
     env: Mapping[str, str] | None = None,
     allowed_origins: str = "http://127.0.0.1:3000",
+    source: Path = BENCH.parent,
 ) -> Server:
-    """``python -m gateway`` as production runs it (N SO_REUSEPORT workers)."""
+    """``python -m gateway`` as production runs it (N SO_REUSEPORT workers),
+    imported from ``source`` (the checkout under test, or an older one)."""
     port = free_port()
     full_env = {
         **QUIET_ENV,
@@ -167,6 +169,7 @@ def gateway(
             allowed_origins,
         ],
         env=full_env,
+        cwd=source,
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/__gateway/clock", proc)

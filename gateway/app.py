@@ -39,6 +39,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry.trace import (
+    NoOpTracer,
     Span,
     SpanContext,
     SpanKind,
@@ -94,6 +95,10 @@ class Gateway:
         self._server_port = self.upstream.port or 80
         self._upstream_host = self.upstream.host or ""
         self._client_span = config.client_span
+        # OTEL_SDK_DISABLED=true gives a tracer whose spans record nothing:
+        # their attributes are not even built then. (A sampler's dropped span
+        # still gets them: samplers may read the attributes given at start.)
+        self._traced = not isinstance(tracer, NoOpTracer)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -149,33 +154,7 @@ class Gateway:
         inbound = context.extract(request.headers, self.config.trust_context)
         known = method_attribute(method)
         fwd = proxy.forwarding(request, self.config.trusted_proxies)
-        attributes: dict[str, Any] = {
-            "http.request.method": known,
-            "url.path": request.path,
-            "url.scheme": request.scheme,
-            "client.address": fwd.client_address,
-            "network.peer.address": request.remote or "",
-            "network.protocol.version": f"{request.version.major}.{request.version.minor}",
-            "gateway.context.source": inbound.source,
-            # HTTP semconv: on a SERVER span server.address/server.port name
-            # the host the client addressed, so the upstream this gateway
-            # forwards to has names of its own (README, "A traced request").
-            attr.UPSTREAM_ADDRESS: self._upstream_host,
-            attr.UPSTREAM_PORT: self._server_port,
-        }
-        if known == "_OTHER":
-            attributes["http.request.method_original"] = method[:64]
-        raw_query = request.rel_url.raw_query_string
-        if raw_query:
-            # HTTP semconv: url.query is recommended on server spans, and
-            # "sensitive content provided in query string SHOULD be scrubbed".
-            attributes["url.query"] = self.redactor.query(raw_query)
-        host = request.host
-        if host:
-            attributes["server.address"] = host.rsplit(":", 1)[0] if host[-1:] != "]" else host
-        user_agent = request.headers.get("user-agent")
-        if user_agent is not None:
-            attributes["user_agent.original"] = user_agent
+        attributes = self._server_attributes(request, known, fwd, inbound) if self._traced else None
         server_span = self.tracer.start_span(
             span_name(known),
             context=inbound.parent,
@@ -197,15 +176,51 @@ class Gateway:
         finally:
             server_span.end()
 
+    def _server_attributes(
+        self,
+        request: web.Request,
+        known: str,
+        fwd: proxy.Forwarding,
+        inbound: context.InboundContext,
+    ) -> dict[str, Any]:
+        """The SERVER span's attributes known at receipt (HTTP semconv)."""
+        attributes: dict[str, Any] = {
+            "http.request.method": known,
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            "client.address": fwd.client_address,
+            "network.peer.address": request.remote or "",
+            "network.protocol.version": f"{request.version.major}.{request.version.minor}",
+            "gateway.context.source": inbound.source,
+            # HTTP semconv: on a SERVER span server.address/server.port name
+            # the host the client addressed, so the upstream this gateway
+            # forwards to has names of its own (README, "A traced request").
+            attr.UPSTREAM_ADDRESS: self._upstream_host,
+            attr.UPSTREAM_PORT: self._server_port,
+        }
+        if known == "_OTHER":
+            attributes["http.request.method_original"] = request.method[:64]
+        raw_query = request.rel_url.raw_query_string
+        if raw_query:
+            # HTTP semconv: url.query is recommended on server spans, and
+            # "sensitive content provided in query string SHOULD be scrubbed".
+            attributes["url.query"] = self.redactor.query(raw_query)
+        host = request.host
+        if host:
+            attributes["server.address"] = host.rsplit(":", 1)[0] if host[-1:] != "]" else host
+        user_agent = request.headers.get("user-agent")
+        if user_agent is not None:
+            attributes["user_agent.original"] = user_agent
+        return attributes
+
     async def _forward(
         self, request: web.Request, exchange: _Exchange, fwd: proxy.Forwarding
     ) -> web.StreamResponse:
         server_span = exchange.server_span
-        server_ctx = server_span.get_span_context()
-        trace_id = f"{server_ctx.trace_id:032x}"
         config = self.config
 
         def fail(status: int, message: str, error_type: str) -> web.Response:
+            trace_id = f"{server_span.get_span_context().trace_id:032x}"
             server_span.set_attribute("http.response.status_code", status)
             server_span.set_attribute("error.type", error_type)
             if status >= 500:

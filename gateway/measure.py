@@ -130,6 +130,8 @@ _ATTRIBUTES: Final = (
 
 def record(span: Span, verdict: timing.Verdict) -> None:
     """The ``latency.*`` attributes (never the raw offset)."""
+    if not span.is_recording():
+        return  # OTEL_SDK_DISABLED=true or sampled out: not worth building them
     attributes: dict[str, Any] = {
         attr.STATUS: verdict.status,
         attr.REASON: verdict.reason,

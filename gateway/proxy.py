@@ -300,16 +300,18 @@ class StallTimer:
 
     __slots__ = ("_fired", "_handle", "_loop", "_pending_since", "_task", "_timeout_s")
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._timeout_s = timeout_s
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
         self._pending_since: float | None = None
         self._task: asyncio.Task[object] | None = None
         self._fired = False
 
     async def wait(self, awaitable: Awaitable[_T]) -> _T:
-        task = asyncio.current_task()
+        # With the loop given, current_task skips get_running_loop (on 3.11
+        # a getpid() system call).
+        task = asyncio.current_task(self._loop)
         now = self._loop.time()
         self._task, self._pending_since, self._fired = task, now, False
         if self._handle is None:
@@ -535,6 +537,14 @@ class ProxyResponse(web.StreamResponse):
 
     __slots__ = ("keep",)
 
+    #: aiohttp's StreamResponse sends its head on ``prepare`` (its own
+    #: ``web.Response`` does not): holding it back lets ``Upstream.relay`` send
+    #: the head and an already arrived body in one write (one send instead of
+    #: two per response), and flush it early for a streamed body. aiohttp has
+    #: no public switch for this; tests/test_proxy.py checks the attribute
+    #: still exists and what the client receives.
+    _send_headers_immediately = False
+
     def __init__(self, *, status: int, reason: str | None, keep: frozenset[str]) -> None:
         super().__init__(status=status, reason=reason)
         #: Which of ``content-type`` and ``server`` the upstream sent.
@@ -586,7 +596,7 @@ class Upstream:
     that stops reading. The session is the caller's: it is not closed here.
     """
 
-    __slots__ = ("_authority", "_client_timeout_s", "_scheme", "_session")
+    __slots__ = ("_authority", "_client_timeout_s", "_loop", "_scheme", "_session")
 
     def __init__(
         self, base_url: URL, session: aiohttp.ClientSession, client_timeout_s: float
@@ -595,6 +605,9 @@ class Upstream:
         self._authority = base_url.raw_authority
         self._session = session
         self._client_timeout_s = client_timeout_s
+        # The session's loop, known at the first relay: asking for the running
+        # loop costs a getpid() system call per request on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def target(self, raw_target: str) -> URL | Failure:
         """The upstream URL for a request target, path and query byte for byte."""
@@ -673,15 +686,30 @@ class Upstream:
         next request on it).
         """
         completed = False
-        to_client = _ClientWrites(self._client_timeout_s)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        to_client = _ClientWrites(self._client_timeout_s, loop)
         try:
+            # ProxyResponse holds its head back until the first body bytes,
+            # so that head and body leave in one send.
             await to_client.send(response.prepare(request))
+            last = b""
             if request.method != "HEAD" and answer.status not in (204, 304):
-                # Errors reading the upstream raise from the iterator itself;
+                # Errors reading the upstream raise from its stream itself;
                 # errors writing to the client come wrapped as _ClientGone.
-                async for chunk in answer.content.iter_any():
-                    await to_client.send(response.write(chunk))
-            await to_client.send(response.write_eof())
+                content = answer.content
+                last = content.read_nowait()  # what already arrived
+                if not content.at_eof():
+                    # More to come: the head goes now, with what arrived (a
+                    # client of a stream sees the head before the upstream's
+                    # next byte), then the rest as it arrives.
+                    await to_client.send(response.write(last))
+                    async for chunk in content.iter_any():
+                        await to_client.send(response.write(chunk))
+                    last = b""
+            # A body that had all arrived goes out with the head and the end.
+            await to_client.send(response.write_eof(last))
             completed = True
             return COMPLETE
         except _ClientGone as gone:
@@ -719,8 +747,8 @@ class _ClientWrites:
 
     __slots__ = ("_timer",)
 
-    def __init__(self, timeout_s: float) -> None:
-        self._timer = StallTimer(timeout_s)
+    def __init__(self, timeout_s: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = StallTimer(timeout_s, loop)
 
     async def send(self, write: Awaitable[object]) -> None:
         try:

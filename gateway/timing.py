@@ -22,7 +22,7 @@ import hmac
 import math
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Final, Literal
 
 Status = Literal["ok", "absent", "invalid", "unsynced", "implausible", "rate_limited"]
@@ -556,51 +556,56 @@ def evaluate(
     trust: Trust = "server_bounded" if token is not None else "client_only"
     upper = t1_ms - token.t2_ms if token is not None else None
     chain_uplink, chain_error = chain_interval(estimate, error, upper)
-    base = Verdict(
-        "ok",
-        "bounded" if token is not None else trust_reason,
+    bucket = offset_bucket(client_clock.off_ms)
+    drift: DriftCheck = drift_check(token, t1_ms, ts) if token is not None else "ok"
+    # Each outcome is one Verdict, built once (dataclasses.replace on a
+    # shared base cost more than the checks themselves).
+    if drift == "broken":
+        # Checked first: it rests on authenticated times alone, and when the
+        # client's clock itself is off (fast, frozen, jumped) the bound
+        # failures below are only its symptoms.
+        status: Status = "implausible"
+        reason = "clock_rate"
+        uplink = uplink_error_ms = None
+    elif (failure := _bound_failure(estimate, error, upper)) is None and drift == "ok":
+        # The estimate stands; a negative one within the error is a zero uplink.
+        status = "ok"
+        reason = "bounded" if token is not None else trust_reason
+        uplink, uplink_error_ms = max(estimate, 0.0), error
+    else:
+        # Outside what a quartz or ntpd clock explains: a chrony slew since
+        # the sample may have moved the client's offset by up to the slew
+        # allowance.
+        slewed_error = error + slew_allowance(client_clock.age_ms)
+        failure = _bound_failure(estimate, slewed_error, upper)
+        if failure is not None:
+            status, reason = "implausible", failure
+            uplink = uplink_error_ms = None
+        else:
+            # Honest slewing and a lie cannot be told apart within one
+            # exchange: not an accusation, but no server-bounded figure
+            # either. The token's interval keeps the unslewed error: a slew
+            # that is real shows again in the next check (as a correction,
+            # never as a lie, since the rule forgives up to a whole slew),
+            # and a lie cannot launder itself into a wide interval that lets
+            # the next request pass at full trust.
+            high = min(upper, MAX_UPLINK_MS) if upper is not None else MAX_UPLINK_MS
+            status, reason, trust = "ok", "clock_corrected", "client_only"
+            uplink, uplink_error_ms = min(max(estimate, 0.0), high), slewed_error
+    return Verdict(
+        status,
+        reason,
         trust=trust,
-        chain_uplink_ms=chain_uplink,
-        chain_error_ms=chain_error,
+        uplink_ms=uplink,
+        uplink_error_ms=uplink_error_ms,
         upper_bound_ms=upper,
         rtt_ms=rtt,
         pre_request_ms=pre,
         sync_delay_ms=client_clock.delay_ms,
         sync_age_ms=client_clock.age_ms,
-        offset_bucket=offset_bucket(client_clock.off_ms),
+        offset_bucket=bucket,
         raw_ms=raw,
         client_ts_ms=ts,
-    )
-    drift: DriftCheck = drift_check(token, t1_ms, ts) if token is not None else "ok"
-    if drift == "broken":
-        # Checked first: it rests on authenticated times alone, and when the
-        # client's clock itself is off (fast, frozen, jumped) the bound
-        # failures below are only its symptoms.
-        return replace(base, status="implausible", reason="clock_rate")
-    failure = _bound_failure(estimate, error, upper)
-    if failure is None and drift == "ok":
-        # The estimate stands; a negative one within the error is a zero uplink.
-        return replace(base, uplink_ms=max(estimate, 0.0), uplink_error_ms=error)
-    # Outside what a quartz or ntpd clock explains: a chrony slew since the
-    # sample may have moved the client's offset by up to the slew allowance.
-    slewed_error = error + slew_allowance(client_clock.age_ms)
-    failure = _bound_failure(estimate, slewed_error, upper)
-    if failure is not None:
-        return replace(base, status="implausible", reason=failure)
-    # Honest slewing and a lie cannot be told apart within one exchange: not
-    # an accusation, but no server-bounded figure either.
-    high = min(upper, MAX_UPLINK_MS) if upper is not None else MAX_UPLINK_MS
-    # The token's interval keeps the unslewed error: a slew that is real shows
-    # again in the next check (as a correction, never as a lie, since the rule
-    # forgives up to a whole slew), and a lie cannot launder itself into a
-    # wide interval that lets the next request pass at full trust.
-    chain_uplink, chain_error = chain_interval(estimate, error, upper)
-    return replace(
-        base,
-        reason="clock_corrected",
-        trust="client_only",
-        uplink_ms=min(max(estimate, 0.0), high),
-        uplink_error_ms=slewed_error,
         chain_uplink_ms=chain_uplink,
         chain_error_ms=chain_error,
     )

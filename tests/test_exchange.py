@@ -859,3 +859,96 @@ async def test_the_last_words_to_a_client_that_does_not_read_take_at_most_a_seco
         await runner.cleanup()
     assert 1.0 <= took_s[0] < 3.0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# -- how the response leaves -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ],
+)
+async def test_an_answer_that_has_all_arrived_leaves_in_one_send(answer: bytes) -> None:
+    # One write per response, not one for the head and one for the body: a
+    # send on loopback costs as much as the rest of the relay (the bench).
+    # aiohttp's StreamResponse sends its head on prepare(); ProxyResponse
+    # holds it back with a class attribute aiohttp has no public switch for.
+    assert hasattr(web.StreamResponse, "_send_headers_immediately")
+    sends: list[bytes] = []
+    async with ScriptedUpstream({"/x": fixed(answer)}) as up:
+        config = GatewayConfig().replace(upstream=up.url, workers=1, clock_key=b"k" * 32)
+        session = proxy.build_session(config)
+        upstream = proxy.Upstream(config.upstream_url, session, config.client_timeout_s)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            target = upstream.target(request.raw_path)
+            assert not isinstance(target, proxy.Failure)
+            reply = await upstream.call(request.method, target, CIMultiDict(), proxy.NO_BODY)
+            assert not isinstance(reply, proxy.Failure)
+            await reply.content.wait_eof()  # all of it arrived, as from a fast upstream
+            response = upstream.response(reply)
+            assert not isinstance(response, proxy.Failure)
+            transport = request.transport
+            assert transport is not None
+            real_write, real_writelines = transport.write, transport.writelines
+
+            def write(data: bytes) -> None:
+                sends.append(bytes(data))
+                real_write(data)
+
+            def writelines(chunks: list[bytes]) -> None:
+                sends.append(b"".join(chunks))
+                real_writelines(chunks)
+
+            transport.write = write  # type: ignore[method-assign]
+            transport.writelines = writelines  # type: ignore[method-assign]
+            assert await upstream.relay(request, reply, response) == proxy.COMPLETE
+            return response
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            received = await _get(Exchange(f"http://127.0.0.1:{runner.addresses[0][1]}"), "/x")
+        finally:
+            await runner.cleanup()
+            await session.close()
+    status, _, body = parse_head(received)
+    assert status == int(answer.split(b" ")[1])
+    assert body in (b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"")
+    assert len(sends) == 1
+    assert sends[0] == received
+
+
+async def test_a_streamed_answer_shows_its_head_before_the_body_arrives() -> None:
+    # The head is only held back while body bytes are at hand: a client of a
+    # stream (server-sent events, a long download) sees the status and
+    # headers as soon as the upstream sent them.
+    head_seen = asyncio.Event()
+
+    async def stream(head: bytes, writer: asyncio.StreamWriter) -> None:
+        await send(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        async with asyncio.timeout(10):
+            await head_seen.wait()
+        await send(writer, b"late")
+
+    async with ScriptedUpstream({"/s": stream}) as up, exchange(up.url) as ex:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ex.port)
+        try:
+            writer.write(b"GET /s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            head_seen.set()
+            body = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.transport.abort()
+    assert parse_head(head)[0] == 200
+    assert body == b"late"
+    assert ex.outcomes == [proxy.COMPLETE]
