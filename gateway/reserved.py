@@ -5,7 +5,9 @@ What it is for: ``clock`` (the snippet's sync burst), ``snippet.js`` /
 ``snippet.mjs`` (the snippet, cacheable, with this deployment's allow-list,
 and with ``?sampled=gateway`` its sampler's trace-id ratio too, see
 ``sampling.py``) and ``snippet-<version>.js`` / ``.mjs`` (the same for every
-deployment, immutable, for Subresource Integrity), ``beacon`` (browser timings →
+deployment, immutable, for Subresource Integrity), all of them without
+comment lines and gzipped when the request accepts it, both done once at
+start-up (``snippet.py``), ``beacon`` (browser timings →
 browser spans, see ``beacon.py``), ``health`` (liveness, with detail for
 operators only) and ``ready`` (readiness, for load balancers), CORS
 preflights for these, and a JSON 404 for anything else under the prefix.

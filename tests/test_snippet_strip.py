@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import shutil
 import subprocess
 
 import pytest
 
-from gateway.reserved import SNIPPET_MODULE_FOOTER, SNIPPET_PATH
+from gateway.reserved import SNIPPET_MODULE_FOOTER, SNIPPET_PATH, served_source
 from gateway.snippet import Encoded, Unstrippable, strip_source, stripped
 from tests.servers import ROOT
 
@@ -158,3 +159,15 @@ def test_each_body_is_compressed_once_deterministically_with_its_own_tag() -> No
     assert first.etag != first.gzip_etag
     assert first.gzip_etag == first.etag[:-1] + '-gzip"'
     assert len(first.gzip) < len(body) / 2
+
+
+def test_a_source_the_pass_cannot_read_is_served_as_it_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The gateway never serves a guess: it falls back to the whole source
+    (the same program, only larger) and says so once, at start-up."""
+    source = b"// a\ns = 'not closed\n"
+    with caplog.at_level(logging.WARNING, logger="gateway.reserved"):
+        assert served_source(source) == source
+    assert "unstripped" in caplog.text
+    assert served_source(b"  // a\n  x();\n") == b"x();\n"
