@@ -2,6 +2,8 @@
 
 What it is for: section 3 of ``make bench``. Sizes: the snippet measured by
 the project's own ``frontend-snippet/scripts/size.mjs`` (terser, gzip -9),
+what the gateway sends at ``/__gateway/snippet.js`` (its start-up code:
+comments out, plain and gzip -9),
 and the OpenTelemetry web SDK bundled by ``footprint/size.mjs`` (esbuild,
 minify, gzip -9) from the pinned ``footprint/package.json``. Memory: the RSS
 of a fresh ``python -m gateway`` (all its processes) idle, then after
@@ -41,6 +43,16 @@ def snippet_size() -> dict[str, int]:
         raise RuntimeError(f"size.mjs printed no sizes: {done.stdout} {done.stderr}")
     raw, minified, gz = (int(g) for g in match.groups())
     return {"raw": raw, "min": minified, "gz": gz}
+
+
+def served_size() -> dict[str, int]:
+    """``/__gateway/snippet.js`` as a gateway with an empty allow-list sends
+    it: the bytes its start-up builds (``gateway.reserved``), plain and gzip."""
+    from gateway.reserved import SNIPPET_PATH, served_snippet, served_source
+    from gateway.snippet import Encoded
+
+    encoded = Encoded.of(served_snippet(served_source(SNIPPET_PATH.read_bytes()), None))
+    return {"identity": len(encoded.identity), "gzip": len(encoded.gzip)}
 
 
 def otel_sizes() -> dict[str, dict[str, int]]:

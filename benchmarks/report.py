@@ -735,6 +735,16 @@ def _footprint(r: dict[str, Any]) -> list[str]:
                 ]
             )
         base = sizes.get("snippet", {}).get("gz")
+        if "served" in sizes:
+            s = sizes["served"]
+            rows.append(
+                [
+                    "`/__gateway/snippet.js` as the gateway sends it (comments out, gzip -9)",
+                    f"{s['identity']:,} (not minified)",
+                    f"{s['gzip']:,}",
+                    f"{s['gzip'] / base:.1f}×" if base else "–",
+                ]
+            )
         names = {
             "otel-fetch": "OTel web: sdk-trace-web + instrumentation-fetch + api",
             "otel-fetch-zone": "… + context-zone (zone.js), as the OTel docs set it up",

@@ -540,6 +540,7 @@ def main() -> int:
         log("sizes: snippet (terser) and the OpenTelemetry web SDK (esbuild)")
         r["sizes"] = {
             "snippet": footprint.snippet_size(),
+            "served": footprint.served_size(),
             "otel": footprint.otel_sizes(),
             "otel_versions": footprint.otel_versions(),
         }

@@ -5,7 +5,9 @@ What it is for: ``clock`` (the snippet's sync burst), ``snippet.js`` /
 ``snippet.mjs`` (the snippet, cacheable, with this deployment's allow-list,
 and with ``?sampled=gateway`` its sampler's trace-id ratio too, see
 ``sampling.py``) and ``snippet-<version>.js`` / ``.mjs`` (the same for every
-deployment, immutable, for Subresource Integrity), ``beacon`` (browser timings →
+deployment, immutable, for Subresource Integrity), all of them without
+comment lines and gzipped when the request accepts it, both done once at
+start-up (``snippet.py``), ``beacon`` (browser timings →
 browser spans, see ``beacon.py``), ``health`` (liveness, with detail for
 operators only) and ``ready`` (readiness, for load balancers), CORS
 preflights for these, and a JSON 404 for anything else under the prefix.
@@ -16,9 +18,9 @@ Not for: proxying (``app.py``).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ipaddress
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -31,14 +33,16 @@ from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from opentelemetry.trace import TracerProvider as ApiTracerProvider
 
-from gateway import __version__, beacon, measure, proxy, sampling, timing
+from gateway import __version__, beacon, measure, proxy, sampling, snippet, timing
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
-from gateway.http import JSON, json_error, ms
+from gateway.http import JSON, accepts_gzip, json_error, ms, none_match
 from latency_common.redact import QueryRedactor
 
 if TYPE_CHECKING:
     from latency_common.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
 
 
 def snippet_path(packaged: Traversable, checkout: Path) -> Traversable:
@@ -123,25 +127,26 @@ class Reserved:
         # The gateway's own sampler: browser spans follow its decision for the
         # same trace (see beacon.ingest).
         self.sampler = telemetry.provider.sampler if telemetry is not None else None
-        #: (classic, module) bodies with their ETags; start-up work, before
-        #: the loop serves anything.
-        self.snippet: tuple[tuple[bytes, str], tuple[bytes, str]] | None = None
+        #: (classic, module) bodies, identity and gzip, with their ETags;
+        #: start-up work (stripping, compressing), before the loop serves
+        #: anything, so no request compresses.
+        self.snippet: tuple[snippet.Encoded, snippet.Encoded] | None = None
         #: The same with the sampler's bound written in (?sampled=gateway):
         #: the same bytes when the sampler is no trace-id ratio.
-        self.sampled_snippet: tuple[tuple[bytes, str], tuple[bytes, str]] | None = None
+        self.sampled_snippet: tuple[snippet.Encoded, snippet.Encoded] | None = None
         #: The same for the versioned URLs: the marker left as it is (null).
-        self.versioned_snippet: tuple[tuple[bytes, str], tuple[bytes, str]] | None = None
+        self.versioned_snippet: tuple[snippet.Encoded, snippet.Encoded] | None = None
         if SNIPPET_PATH.is_file():
-            source = SNIPPET_PATH.read_bytes()
+            source = served_source(SNIPPET_PATH.read_bytes())
             allowed = cors.browser_pattern()
             classic = served_snippet(source, allowed)
             module = served_snippet(source + SNIPPET_MODULE_FOOTER, allowed)
-            self.snippet = ((classic, etag_of(classic)), (module, etag_of(module)))
+            self.snippet = (snippet.Encoded.of(classic), snippet.Encoded.of(module))
             bound = sampling.snippet_bound(self.sampler)
             classic, module = with_sample_bound(classic, bound), with_sample_bound(module, bound)
-            self.sampled_snippet = ((classic, etag_of(classic)), (module, etag_of(module)))
+            self.sampled_snippet = (snippet.Encoded.of(classic), snippet.Encoded.of(module))
             module = source + SNIPPET_MODULE_FOOTER
-            self.versioned_snippet = ((source, etag_of(source)), (module, etag_of(module)))
+            self.versioned_snippet = (snippet.Encoded.of(source), snippet.Encoded.of(module))
 
     def add_routes(self, router: web.UrlDispatcher, prefix: str) -> None:
         expect = self.expect
@@ -281,18 +286,17 @@ class Reserved:
             return json_error(404, f"snippet not found at {SNIPPET_PATH}")
         module = request.path.endswith(".mjs")
         asked = SAMPLED_QUERY in request.query.items()
-        body, etag = (self.sampled_snippet if asked else self.snippet)[module]
+        encoded = (self.sampled_snippet if asked else self.snippet)[module]
         headers = CIMultiDict(
             {
-                "ETag": etag,
                 "Cache-Control": f"public, max-age={SNIPPET_MAX_AGE_S}",
-                "Vary": "Origin",
+                "Vary": "Origin, Accept-Encoding",
             }
         )
         origin = self.cors.origin(request)
         if module and origin is not None:
             self.cors.grant_own(headers, origin)
-        return snippet_response(request, body, etag, headers)
+        return snippet_response(request, encoded, headers)
 
     async def versioned_snippet_file(self, request: web.Request) -> web.Response:
         """``snippet-<version>.js`` / ``.mjs``: the bytes of this release,
@@ -309,15 +313,15 @@ class Reserved:
         the same answer for every page and so safe in any shared cache."""
         if self.versioned_snippet is None:
             return json_error(404, f"snippet not found at {SNIPPET_PATH}")
-        body, etag = self.versioned_snippet[request.path.endswith(".mjs")]
+        encoded = self.versioned_snippet[request.path.endswith(".mjs")]
         headers = CIMultiDict(
             {
-                "ETag": etag,
                 "Cache-Control": VERSIONED_CACHE_CONTROL,
                 "Access-Control-Allow-Origin": "*",
+                "Vary": "Accept-Encoding",
             }
         )
-        return snippet_response(request, body, etag, headers)
+        return snippet_response(request, encoded, headers)
 
     async def beacon(self, request: web.Request) -> web.Response:
         """``POST /__gateway/beacon``: browser timings → browser CLIENT spans.
@@ -392,6 +396,17 @@ class Reserved:
     # -- the proxy -------------------------------------------------------
 
 
+def served_source(source: bytes) -> bytes:
+    """The snippet's source without its comment-only lines and indentation
+    (``snippet.strip_source``), or as it is when that pass cannot read it
+    with certainty (a warning: the program is the same, only larger)."""
+    try:
+        return snippet.stripped(source)
+    except (snippet.Unstrippable, UnicodeDecodeError) as exc:
+        log.warning("serving %s unstripped: %s", SNIPPET_PATH, exc)
+        return source
+
+
 def served_snippet(source: bytes, allowed_pattern: str | None) -> bytes:
     """The snippet source with the allow-list written at its marker, as a
     JSON string (valid JavaScript; U+2028/2029 arrive escaped) or null."""
@@ -407,17 +422,22 @@ def with_sample_bound(body: bytes, bound: str | None) -> bytes:
 
 
 def snippet_response(
-    request: web.Request, body: bytes, etag: str, headers: CIMultiDict[str]
+    request: web.Request, encoded: snippet.Encoded, headers: CIMultiDict[str]
 ) -> web.Response:
-    """200 with the snippet, or 304 when the browser's copy is current."""
-    # RFC 9110 §13.1.2: If-None-Match with a matching entity tag → 304.
-    if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
+    """200 with the snippet in the coding the request accepts (gzip, else
+    identity; ``http.accepts_gzip``), or 304 when the browser's copy of that
+    representation is current. ``headers`` has the caller's ``Vary``, which
+    names ``Accept-Encoding`` (RFC 9110 §12.5.5)."""
+    gzipped = accepts_gzip(request.headers.getall("Accept-Encoding", ()))
+    body, etag = (encoded.gzip, encoded.gzip_etag) if gzipped else (encoded.identity, encoded.etag)
+    headers["ETag"] = etag
+    # RFC 9110 §13.1.2: If-None-Match with a matching entity tag → 304,
+    # with the ETag, Vary and Cache-Control a 200 would have (§15.4.5).
+    if none_match(request.headers.get("If-None-Match", ""), etag):
         return web.Response(status=304, headers=headers)
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
     return web.Response(body=body, headers=headers, content_type="text/javascript", charset="utf-8")
-
-
-def etag_of(body: bytes) -> str:
-    return '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
 
 
 def is_loopback(address: str) -> bool:

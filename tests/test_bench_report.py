@@ -7,9 +7,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import aiohttp
+
+from tests.conftest import GatewayFactory
 from tests.servers import ROOT
 
 sys.path[:0] = [str(ROOT / "benchmarks")]
+import footprint  # noqa: E402
 import report  # noqa: E402
 
 
@@ -138,3 +142,23 @@ def test_slow_requests_are_listed_with_where_their_time_went() -> None:
     text = "\n".join(report._accuracy({"accuracy": cells, "settings": {"clicks": 2}}))
     assert "(1 of 2 measured; all are in the means above)" in text
     assert "| 25/25, +0 s | 4 | +21.00 | -0.50 | 1.10 | 0.50 | 19.80 | 12.5 | 18.0 | -2.0 |" in text
+
+
+async def test_the_footprint_shows_what_the_gateway_sends(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """The bench's served-size row holds the bytes a gateway really sends
+    at /__gateway/snippet.js, gzip and plain, next to the terser figure."""
+    sizes = footprint.served_size()
+    base = await gateway(allowed_origins=())
+    for coding in ("gzip", "identity"):
+        headers = {"Accept-Encoding": coding}
+        async with http.get(base + "/__gateway/snippet.js", headers=headers) as resp:
+            assert len(await resp.read()) == sizes[coding]
+    assert sizes["gzip"] < sizes["identity"]
+    lines = report._footprint(
+        {"sizes": {"snippet": {"raw": 28016, "min": 5991, "gz": 3072}, "served": sizes}}
+    )
+    [row] = [line for line in lines if "as the gateway sends it" in line]
+    assert f"| {sizes['gzip']:,} |" in row
+    assert f"{sizes['gzip'] / 3072:.1f}×" in row

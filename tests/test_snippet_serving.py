@@ -6,6 +6,7 @@ deployment, whose Subresource Integrity hashes the README prints."""
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import random
@@ -30,14 +31,25 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.cors import Cors
 from gateway.reserved import ALLOWED_ORIGINS_MARKER, SAMPLE_BOUND_MARKER, SNIPPET_PATH
+from gateway.snippet import stripped
 from latency_common.telemetry import Telemetry
 from tests.browser import chromium
 from tests.conftest import GatewayFactory, make_traced
-from tests.servers import Process, free_port, raw_request
+from tests.servers import Process, free_port, parse_head, raw_request
 from tests.test_browser import OnePage
 
 ORIGIN = {"Origin": "http://localhost:3000"}
 ALLOWED = ("http://localhost:3000", "https://*.example.com")
+
+
+async def decoded(resp: aiohttp.ClientResponse) -> bytes:
+    """The body as the page's script gets it: gunzipped when the gateway
+    sent gzip (the ``http`` fixture asks for it, as aiohttp does by default,
+    and does not decompress)."""
+    body = await resp.read()
+    coding = resp.headers.get("Content-Encoding")
+    assert coding in (None, "gzip")
+    return gzip.decompress(body) if coding == "gzip" else body
 
 
 def marker_value(body: bytes, marker: bytes) -> str | None:
@@ -63,12 +75,13 @@ async def test_snippet_is_served_cacheable_with_etag(
     base = await gateway()
     async with http.get(base + "/__gateway/snippet.js") as resp:
         assert resp.status == 200
-        body = await resp.read()
+        body = await decoded(resp)
         etag = resp.headers["ETag"]
         assert resp.headers["Content-Type"].startswith("text/javascript")
         assert "max-age=" in resp.headers["Cache-Control"]
-    source = SNIPPET_PATH.read_bytes()
-    # The file as it is, but for the allow-list at its marker.
+    source = stripped(SNIPPET_PATH.read_bytes())
+    # The file without comment lines and indentation, but for the allow-list
+    # at its marker.
     assert body.count(b"/*@gateway-allowed-origins*/ ") == 1
     assert (
         re.sub(rb"/\*@gateway-allowed-origins\*/ \"[^\"]*\"", ALLOWED_ORIGINS_MARKER, body)
@@ -78,7 +91,7 @@ async def test_snippet_is_served_cacheable_with_etag(
         assert r.status == 304
         assert await r.read() == b""
     async with http.get(base + "/__gateway/snippet.mjs", headers=ORIGIN) as resp:
-        module = await resp.read()
+        module = await decoded(resp)
         assert module.startswith(body)
         assert b"export default" in module
         assert resp.headers["ETag"] != etag
@@ -91,7 +104,7 @@ async def test_the_served_allow_list_matches_what_cors_grants(
     base = await gateway(allowed_origins=ALLOWED)
     for path in ("/__gateway/snippet.js", "/__gateway/snippet.mjs"):
         async with http.get(base + path) as resp:
-            body = await resp.read()
+            body = await decoded(resp)
         pattern = allow_list_in(body)
         assert pattern is not None
         # Python's re and JavaScript's RegExp read this pattern alike.
@@ -113,7 +126,7 @@ async def test_the_snippet_is_the_same_bytes_for_every_page(
     bodies = set()
     for headers in ({}, ORIGIN, {"Origin": "https://evil.test"}, {"Origin": "null"}):
         async with http.get(base + "/__gateway/snippet.js", headers=headers) as resp:
-            bodies.add((await resp.read(), resp.headers["ETag"]))
+            bodies.add((await decoded(resp), resp.headers["ETag"]))
     assert len(bodies) == 1
 
 
@@ -123,7 +136,7 @@ async def test_no_cross_origin_page_allowed_serves_null(
     base = await gateway(allowed_origins=())
     for path in ("/__gateway/snippet.js", "/__gateway/snippet.mjs"):
         async with http.get(base + path) as resp:
-            assert allow_list_in(await resp.read()) is None
+            assert allow_list_in(await decoded(resp)) is None
 
 
 LABEL = st.from_regex(r"[a-z0-9-]{0,64}", fullmatch=True)
@@ -200,11 +213,11 @@ async def test_the_sampled_variant_carries_the_bound_of_a_ratio_sampler(
     base = await sampler_gateway(name, arg)
     for path in ("/__gateway/snippet.js", "/__gateway/snippet.mjs"):
         async with http.get(base + path) as resp:
-            plain, plain_etag = await resp.read(), resp.headers["ETag"]
+            plain, plain_etag = await decoded(resp), resp.headers["ETag"]
         async with http.get(base + path + SAMPLED) as resp:
             assert resp.status == 200
             assert resp.headers["Cache-Control"] == "public, max-age=300"
-            sampled, etag = await resp.read(), resp.headers["ETag"]
+            sampled, etag = await decoded(resp), resp.headers["ETag"]
         # Not asked: null, whatever the sampler (the page keeps flags 03).
         assert sample_bound_in(plain) is None
         assert sample_bound_in(sampled) == bound
@@ -226,7 +239,7 @@ async def test_the_sampled_variant_carries_the_bound_of_a_ratio_sampler(
                 assert resp.status == 200
     # The versioned URLs keep their bytes (and integrity hash): no bound.
     async with http.get(f"{base}/__gateway/snippet-{__version__}.js{SAMPLED}") as resp:
-        assert sample_bound_in(await resp.read()) is None
+        assert sample_bound_in(await decoded(resp)) is None
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +313,7 @@ async def test_versioned_snippet_is_immutable_and_the_same_for_every_deployment(
 ) -> None:
     narrow = await gateway(allowed_origins=())
     wide = await gateway(allowed_origins=ALLOWED)
-    source = SNIPPET_PATH.read_bytes()
+    source = stripped(SNIPPET_PATH.read_bytes())
     for path in VERSIONED:
         bodies = set()
         for base in (narrow, wide):
@@ -312,8 +325,9 @@ async def test_versioned_snippet_is_immutable_and_the_same_for_every_deployment(
                     # integrity makes the browser fetch in CORS mode; the public
                     # bytes go to any origin, with no per-origin answer to cache.
                     assert resp.headers["Access-Control-Allow-Origin"] == "*"
-                    assert "Vary" not in resp.headers
-                    body = await resp.read()
+                    # Not per origin; per coding (RFC 9110 §12.5.5).
+                    assert resp.headers["Vary"] == "Accept-Encoding"
+                    body = await decoded(resp)
                     bodies.add(body)
                     etag = resp.headers["ETag"]
         assert len(bodies) == 1, "a per-deployment byte would break the integrity hash"
@@ -335,7 +349,7 @@ async def test_readme_prints_the_integrity_of_the_versioned_snippet(
     readme = README.read_text()
     for path in VERSIONED:
         async with http.get(base + path) as resp:
-            integrity = sri_sha384(await resp.read())
+            integrity = sri_sha384(await decoded(resp))
         tag = re.search(rf'src="[^"]*{re.escape(path)}"\s+integrity="([^"]+)"', readme)
         assert tag is not None, f"README has no <script src=…{path} integrity=…> tag"
         assert tag.group(1) == integrity, (
@@ -356,7 +370,7 @@ async def test_chromium_runs_the_pinned_snippet_and_refuses_altered_bytes(
     base = await gateway(allowed_origins=(page_origin,))
     path = f"/__gateway/snippet-{__version__}{suffix}"
     async with http.get(base + path) as resp:
-        integrity = sri_sha384(await resp.read())
+        integrity = sri_sha384(await decoded(resp))
     kind = ' type="module"' if suffix == ".mjs" else ""
     # The module imported as a script initialises nothing: init it by hand.
     start = (
@@ -440,7 +454,7 @@ async def test_the_served_snippet_decides_as_the_sdks_ratio_sampler(
     bound."""
     base = await sampler_gateway(name, repr(rate))
     async with http.get(base + "/__gateway/snippet.js" + SAMPLED) as resp:
-        body = await resp.read()
+        body = await decoded(resp)
     reference = TraceIdRatioBased(rate)
     rng = random.Random(f"{name} {rate}")
     lows = [0, 1, 2**63, 2**64 - 1]
@@ -472,3 +486,149 @@ async def test_the_served_snippet_decides_as_the_sdks_ratio_sampler(
         assert decision.is_sampled() == (flag == "03"), trace_id
     if 0.1 < rate < 0.9:
         assert {"02", "03"} <= set(flags)
+
+
+# -- what goes on the wire: gzip when the request accepts it, identity else -------------
+
+#: Every URL the snippet is served at.
+SERVED = (
+    "/__gateway/snippet.js",
+    "/__gateway/snippet.mjs",
+    "/__gateway/snippet.js?sampled=gateway",
+    *VERSIONED,
+)
+
+
+def fetch_raw(
+    port: int, path: str, fields: list[tuple[str, str]], method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    """One request with exactly these header fields, raw on the socket."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in fields)
+    response = raw_request(port, head.encode("latin-1") + b"\r\n", until_close=method == "HEAD")
+    status, headers, body = parse_head(response)
+    return status, {name.lower(): value for name, value in headers}, body
+
+
+def identity_body(port: int, path: str) -> tuple[bytes, str]:
+    status, headers, body = fetch_raw(port, path, [])
+    assert status == 200
+    assert "content-encoding" not in headers
+    return body, headers["etag"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "gzipped"),
+    [
+        ([], False),  # said nothing: identity (any coding would be allowed)
+        ([("Accept-Encoding", "gzip, deflate, br, zstd")], True),  # Chromium's
+        ([("Accept-Encoding", "gzip")], True),
+        ([("Accept-Encoding", "GZIP;Q=0.5")], True),  # case-insensitive (§12.5.3, §12.4.2)
+        ([("Accept-Encoding", "x-gzip")], True),  # RFC 9110 §8.4.1.3
+        ([("Accept-Encoding", "*")], True),
+        ([("Accept-Encoding", "*;q=0, gzip")], True),
+        ([("Accept-Encoding", "br"), ("Accept-Encoding", "gzip")], True),  # §5.3: one list
+        ([("Accept-Encoding", "")], False),  # §12.5.3: empty = no coding wanted
+        ([("Accept-Encoding", "gzip;q=0")], False),  # §12.5.3: q=0 = not acceptable
+        ([("Accept-Encoding", "gzip;q=0.000, identity")], False),
+        ([("Accept-Encoding", "*;q=0")], False),  # identity refused too: still identity
+        ([("Accept-Encoding", "identity")], False),
+        ([("Accept-Encoding", "br, deflate")], False),
+        ([("Accept-Encoding", "gzip;q=0.5, identity;q=1")], False),  # the client prefers identity
+        ([("Accept-Encoding", "gzip;q=2")], False),  # malformed weight: asks nothing
+        ([("Accept-Encoding", "gzip;q=0.0001")], False),
+        ([("Accept-Encoding", "gzip;level=9")], False),
+        ([("Accept-Encoding", "gz ip, ;;, ,")], False),
+    ],
+)
+def test_the_snippet_is_gzipped_exactly_when_accept_encoding_allows_it(
+    ratio_gateway: Process, fields: list[tuple[str, str]], gzipped: bool
+) -> None:
+    """RFC 9110 §12.5.3, over a real socket to ``python -m gateway``, at
+    every URL the snippet has: the gzip bytes decode to the identity bytes,
+    each representation has its own ETag, and Vary names Accept-Encoding."""
+    for path in SERVED:
+        identity, identity_etag = identity_body(ratio_gateway.port, path)
+        status, headers, body = fetch_raw(ratio_gateway.port, path, fields)
+        assert status == 200
+        assert headers.get("content-encoding") == ("gzip" if gzipped else None)
+        assert int(headers["content-length"]) == len(body)
+        assert "Accept-Encoding" in [v.strip() for v in headers["vary"].split(",")]
+        if gzipped:
+            assert gzip.decompress(body) == identity
+            assert len(body) < len(identity) / 2
+            assert headers["etag"] == identity_etag[:-1] + '-gzip"'
+        else:
+            assert body == identity
+            assert headers["etag"] == identity_etag
+
+
+def test_each_representation_revalidates_with_its_own_etag(ratio_gateway: Process) -> None:
+    """RFC 9110 §13.1.2: 304 when If-None-Match holds the tag of the
+    representation this request would get (weak comparison: a W/ a cache
+    added still matches), 200 for the other coding's tag; the 304 carries
+    the ETag and Vary a 200 would (§15.4.5). HEAD answers GET's headers."""
+    gzip_ok = ("Accept-Encoding", "gzip")
+    for path in SERVED:
+        _, identity_etag = identity_body(ratio_gateway.port, path)
+        _, headers, _ = fetch_raw(ratio_gateway.port, path, [gzip_ok])
+        gzip_etag = headers["etag"]
+        assert gzip_etag != identity_etag
+        for fields, etag in ([[gzip_ok], gzip_etag], [[], identity_etag]):
+            for match in (etag, "W/" + etag, f'"other", {etag}', "*"):
+                status, headers, body = fetch_raw(
+                    ratio_gateway.port, path, [*fields, ("If-None-Match", match)]
+                )
+                assert (status, body, headers["etag"]) == (304, b"", etag), match
+                assert "Accept-Encoding" in headers["vary"]
+            other = identity_etag if etag == gzip_etag else gzip_etag
+            status, headers, _ = fetch_raw(
+                ratio_gateway.port, path, [*fields, ("If-None-Match", other)]
+            )
+            assert (status, headers["etag"]) == (200, etag)
+            # HEAD: the same headers, Content-Length of that coding, no body.
+            _, got, _ = fetch_raw(ratio_gateway.port, path, fields)
+            status, head, body = fetch_raw(ratio_gateway.port, path, fields, method="HEAD")
+            assert (status, body) == (200, b"")
+            for name in ("etag", "vary", "content-length", "content-type", "cache-control"):
+                assert head[name] == got[name], name
+            assert head.get("content-encoding") == got.get("content-encoding")
+
+
+CODINGS = st.sampled_from(
+    ["gzip", "GZip", "x-gzip", "identity", "*", "br", "deflate", "zstd", "", " ", "q=1", "gzip "]
+)
+WEIGHTS = st.one_of(
+    st.just(""),
+    st.from_regex(r";\s?[qQ]=[0-9.]{0,6}", fullmatch=True),
+    st.text(alphabet=';=q. \t0123456789abz"', max_size=8),
+)
+ACCEPT_ENCODING = st.one_of(
+    st.binary(max_size=60),
+    st.lists(st.builds(lambda c, w: (c + w).encode(), CODINGS, WEIGHTS), max_size=5).map(b",".join),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=ACCEPT_ENCODING, path=st.sampled_from(SERVED))
+def test_any_accept_encoding_gets_a_body_that_decodes_to_the_snippet(
+    ratio_gateway: Process, value: bytes, path: str
+) -> None:
+    """Hostile Accept-Encoding bytes, raw on the socket: never a 500; gzip
+    or identity, and either way the snippet's bytes once decoded; at worst a
+    400 from the HTTP parser for bytes a field value may not hold (RFC 9112
+    §5, RFC 9110 §5.5). The fixture checks the log has no traceback."""
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAccept-Encoding: ".encode()
+        + value
+        + b"\r\n\r\n"
+    )
+    status, headers, body = parse_head(raw_request(ratio_gateway.port, request))
+    if status == 400:
+        assert re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", value)
+        return
+    assert status == 200
+    coding = dict((k.lower(), v) for k, v in headers).get("content-encoding")
+    assert coding in (None, "gzip")
+    decoded_body = gzip.decompress(body) if coding == "gzip" else body
+    assert decoded_body == identity_body(ratio_gateway.port, path)[0]
