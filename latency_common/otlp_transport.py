@@ -70,11 +70,13 @@ def sdk_transport_api() -> tuple[type[BaseHTTPResult], type[BaseHTTPTransport]] 
 def _idle_connection_dropped(sock: socket.socket) -> bool:
     """A kept-alive socket with something to read before any request was sent
     has been closed (or reset) by the peer: it cannot carry the next post."""
+    # poll, not select: a busy gateway's sockets go past select's FD_SETSIZE.
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 def build_keep_alive_transport(

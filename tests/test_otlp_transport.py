@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import http.server
+import os
 import shutil
 import ssl
 import subprocess
@@ -305,3 +306,25 @@ def test_a_missing_sdk_interface_falls_back_to_the_requests_session(
         results = _export_batches(receiver, 1)
     assert results == [SpanExportResult.SUCCESS]
     assert receiver.headers[0]["Accept"] == "*/*"  # requests' default
+
+
+def test_an_idle_connection_is_checked_at_any_descriptor_number() -> None:
+    """A gateway with many clients hands the exporter descriptors past
+    select()'s 1024: an open, idle connection is still seen as open (not
+    reopened for every batch), and a closed one as closed."""
+    import resource
+    import socket
+
+    high_fd = 1500
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= high_fd:
+        pytest.skip("descriptor limit below 1500")
+    ours, peer = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(ours.fileno(), high_fd))
+    ours.close()
+    try:
+        assert not otlp_transport._idle_connection_dropped(high)
+        peer.close()
+        assert otlp_transport._idle_connection_dropped(high)
+    finally:
+        high.close()
+        peer.close()
