@@ -92,6 +92,10 @@ def build_keep_alive_transport(
         return None
     base_result, base_transport = api
     parts = urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:  # not a port: requests reports it at the first post, as before
+        return None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
 
@@ -117,7 +121,7 @@ def build_keep_alive_transport(
             if parts.query:
                 self._target += "?" + parts.query
             self._host = parts.hostname or ""
-            self._port = parts.port
+            self._port = port
             self._tls: ssl.SSLContext | None = None
             if parts.scheme == "https":
                 self._tls = _tls_context(verify, cert)

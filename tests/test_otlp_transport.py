@@ -295,6 +295,12 @@ def test_a_proxy_or_a_credential_plugin_keeps_the_requests_session(
     assert telemetry.export_transport(endpoint, {}) is not None
 
 
+def test_an_endpoint_the_transport_cannot_parse_is_left_to_requests() -> None:
+    for endpoint in ("http://127.0.0.1:99999/v1/traces", "ftp://127.0.0.1/v1/traces"):
+        assert telemetry.export_transport(endpoint, {}) is None
+        telemetry.build_exporter({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}).shutdown()
+
+
 def test_a_missing_sdk_interface_falls_back_to_the_requests_session(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
