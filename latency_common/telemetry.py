@@ -4,8 +4,10 @@ What this module is for: one place that turns the standard ``OTEL_*``
 environment variables into a ``TracerProvider`` exporting OTLP/HTTP through a
 ``BatchSpanProcessor``, so gateway and backend are configured alike. The
 exporter is :class:`~latency_common.otlp_exporter.FastOTLPSpanExporter` (the
-SDK's, with a faster encoder) posting through a ``requests.Session`` whose
-proxy settings are read from the environment once, at start
+SDK's, with a faster encoder) posting on one kept-alive ``http.client``
+connection (:func:`export_transport`), or, when a proxy applies to the
+endpoint or a credential-provider plugin is set, through a ``requests.Session``
+whose proxy settings are read from the environment once, at start
 (:func:`export_session`), not on every post.
 
 It also guards the export: :class:`GuardedExporter` drops a span that
@@ -30,7 +32,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 import requests.utils
@@ -43,6 +45,10 @@ from opentelemetry.util.re import parse_env_headers
 
 from latency_common.logs import RateLimitFilter
 from latency_common.otlp_exporter import FastOTLPSpanExporter
+from latency_common.otlp_transport import build_keep_alive_transport
+
+if TYPE_CHECKING:
+    from opentelemetry.exporter.http.transport._base import BaseHTTPTransport
 
 log = logging.getLogger(__name__)
 
@@ -178,18 +184,59 @@ def _ca_bundle(environ: Mapping[str, str]) -> str | None:
     return environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or None
 
 
+def export_transport(endpoint: str, environ: Mapping[str, str]) -> BaseHTTPTransport | None:
+    """The lean keep-alive transport (``latency_common/otlp_transport.py``)
+    when nothing needs ``requests``: no proxy applies to the endpoint, no
+    credential-provider plugin is configured and this SDK has the transport
+    interface. None otherwise: the exporter then posts through
+    :func:`export_session`.
+
+    TLS settings are resolved as the SDK resolves them for its own transport:
+    ``OTEL_EXPORTER_OTLP_*CERTIFICATE`` / ``*CLIENT_KEY`` /
+    ``*CLIENT_CERTIFICATE``, else ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``,
+    else the system's CAs."""
+    if any(environ.get(name, "").strip() for name in _CREDENTIAL_PROVIDER_VARS):
+        return None
+    # Reads os.environ (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY), as export_session does.
+    if requests.utils.get_environ_proxies(endpoint):
+        return None
+    verify: bool | str = (
+        _ca_bundle(environ)
+        or environ.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+        or environ.get("OTEL_EXPORTER_OTLP_CERTIFICATE")
+        or True
+    )
+    key = environ.get("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY") or environ.get(
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY"
+    )
+    certificate = environ.get("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE") or environ.get(
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"
+    )
+    cert = (certificate, key) if certificate and key else certificate
+    return build_keep_alive_transport(endpoint, verify=verify, cert=cert)
+
+
 def build_exporter(environ: Mapping[str, str]) -> GuardedExporter:
     """The span exporter :func:`build_telemetry` uses: the fast OTLP/HTTP
-    exporter, its session resolved once, behind :class:`GuardedExporter`."""
+    exporter posting through :func:`export_transport`, or through a session
+    resolved once (:func:`export_session`) when a proxy or a
+    credential-provider plugin needs ``requests``, behind :class:`GuardedExporter`."""
     endpoint = otlp_traces_endpoint(environ)
-    return GuardedExporter(
-        FastOTLPSpanExporter(
+    transport = export_transport(endpoint, environ)
+    if transport is not None:
+        exporter = FastOTLPSpanExporter(
+            endpoint=endpoint,
+            headers=otlp_headers(environ),
+            _transport=transport,
+        )
+    else:
+        exporter = FastOTLPSpanExporter(
             endpoint=endpoint,
             headers=otlp_headers(environ),
             certificate_file=_ca_bundle(environ),
             session=export_session(endpoint, environ),
         )
-    )
+    return GuardedExporter(exporter)
 
 
 def build_resource(default_service_name: str) -> Resource:
