@@ -22,6 +22,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -56,66 +59,85 @@ def extract(revision: str, into: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
 
 
-def main() -> int:
-    args = parse_args()
-    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+@dataclass
+class Bench:
+    """What a side-by-side comparison runs in: a scratch directory, the
+    baseline revision's tree in it, the process set, nginx and an OTLP sink."""
+
+    workdir: Path
+    baseline: Path
+    procs: Procs
+    upstream: servers.Server
+    sink: servers.Server
+
+
+@contextmanager
+def bench(revision: str, prefix: str) -> Iterator[Bench]:
+    """The set-up both comparison scripts share; every process stops on exit."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)  # nginx workers (user nobody) read their config dir
         base_src = workdir / "baseline"
         base_src.mkdir()
-        extract(args.baseline, base_src)
+        extract(revision, base_src)
         logs = workdir / "logs"
         logs.mkdir()
         procs = Procs(logs)
         try:
             upstream = servers.nginx_static(procs, workdir)
-            sink = servers.sink(procs)
-            targets = {"bare": servers.bare_aiohttp(procs, upstream.url, workers=args.workers)}
-            modes = {"notrace": {"OTEL_SDK_DISABLED": "true"}}
-            if not args.no_full:
-                modes["full"] = {}
-            for mode, env in modes.items():
-                for label, source in (("base", base_src), ("new", ROOT)):
-                    name = f"{label}-{mode}"
-                    targets[name] = servers.gateway(
-                        procs,
-                        name,
-                        upstream.url,
-                        workers=args.workers,
-                        otlp_endpoint=sink.url,
-                        env=env,
-                        source=source,
-                    )
-            token_url = targets["new-notrace"].url
-            for server in targets.values():  # warm-up
-                harness.wrk(
-                    server.url + PATH,
-                    connections=args.connections,
-                    duration_s=1,
-                    headers=snippet_headers(token_url),
-                )
-            cpu: dict[str, list[float]] = {name: [] for name in targets}
-            order = list(targets)
-            for round_no in range(args.repeats):
-                for name in order if round_no % 2 == 0 else reversed(order):
-                    server = targets[name]
-                    sample = harness.measured_load(
-                        name,
-                        server.url + PATH,
-                        server.pids(),
-                        connections=args.connections,
-                        duration_s=args.duration,
-                        headers=snippet_headers(token_url),
-                    )
-                    errors = sample.result.errors + sample.result.non_2xx
-                    log(
-                        f"{name:<13} {sample.result.rps:7.0f} req/s "
-                        f"{sample.cpu_us_per_request:6.1f} µs/req"
-                        + (f"  errors {errors}" if errors else "")
-                    )
-                    cpu[name].append(sample.cpu_us_per_request)
+            yield Bench(workdir, base_src, procs, upstream, servers.sink(procs))
         finally:
             procs.stop_all()
+
+
+def main() -> int:
+    args = parse_args()
+    with bench(args.baseline, "compare-") as b:
+        procs, upstream, sink, base_src = b.procs, b.upstream, b.sink, b.baseline
+        targets = {"bare": servers.bare_aiohttp(procs, upstream.url, workers=args.workers)}
+        modes = {"notrace": {"OTEL_SDK_DISABLED": "true"}}
+        if not args.no_full:
+            modes["full"] = {}
+        for mode, env in modes.items():
+            for label, source in (("base", base_src), ("new", ROOT)):
+                name = f"{label}-{mode}"
+                targets[name] = servers.gateway(
+                    procs,
+                    name,
+                    upstream.url,
+                    workers=args.workers,
+                    otlp_endpoint=sink.url,
+                    env=env,
+                    source=source,
+                )
+        token_url = targets["new-notrace"].url
+        for server in targets.values():  # warm-up
+            harness.wrk(
+                server.url + PATH,
+                connections=args.connections,
+                duration_s=1,
+                headers=snippet_headers(token_url),
+            )
+        cpu: dict[str, list[float]] = {name: [] for name in targets}
+        order = list(targets)
+        for round_no in range(args.repeats):
+            for name in order if round_no % 2 == 0 else reversed(order):
+                server = targets[name]
+                sample = harness.measured_load(
+                    name,
+                    server.url + PATH,
+                    server.pids(),
+                    connections=args.connections,
+                    duration_s=args.duration,
+                    headers=snippet_headers(token_url),
+                )
+                errors = sample.result.errors + sample.result.non_2xx
+                log(
+                    f"{name:<13} {sample.result.rps:7.0f} req/s "
+                    f"{sample.cpu_us_per_request:6.1f} µs/req"
+                    + (f"  errors {errors}" if errors else "")
+                )
+                cpu[name].append(sample.cpu_us_per_request)
     bare = statistics.median(cpu["bare"])
     print(f"\nCPU µs/request, median of {args.repeats} (min–max), ×bare:")
     for name, values in cpu.items():

@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import harness  # noqa: E402
 import servers  # noqa: E402
-from compare import extract  # noqa: E402
+from compare import bench  # noqa: E402
 from harness import ROOT, Procs, log  # noqa: E402
 from run import PATH, snippet_headers  # noqa: E402
 
@@ -81,30 +80,17 @@ def lag_run(
 def main() -> int:
     args = parse_args()
     samples: dict[str, list[dict[str, Any]]] = {"base": [], "new": []}
-    with tempfile.TemporaryDirectory(prefix="export-compare-") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)  # nginx workers (user nobody) read their config dir
-        base_src = workdir / "baseline"
-        base_src.mkdir()
-        extract(args.baseline, base_src)
-        logs = workdir / "logs"
-        logs.mkdir()
-        procs = Procs(logs)
-        try:
-            upstream = servers.nginx_static(procs, workdir)
-            sink = servers.sink(procs)
-            trees = [("base", base_src), ("new", ROOT)]
-            for round_no in range(args.repeats):
-                for label, source in trees if round_no % 2 == 0 else trees[::-1]:
-                    name = f"{label}-{round_no}"
-                    stats = lag_run(procs, name, source, workdir, upstream, sink, args.duration)
-                    samples[label].append(stats)
-                    log(
-                        f"{name:<8} {stats['batches']:4d} batches "
-                        + " ".join(f"{figure} {stats[figure]}" for figure in FIGURES)
-                    )
-        finally:
-            procs.stop_all()
+    with bench(args.baseline, "export-compare-") as b:
+        trees = [("base", b.baseline), ("new", ROOT)]
+        for round_no in range(args.repeats):
+            for label, source in trees if round_no % 2 == 0 else trees[::-1]:
+                name = f"{label}-{round_no}"
+                stats = lag_run(b.procs, name, source, b.workdir, b.upstream, b.sink, args.duration)
+                samples[label].append(stats)
+                log(
+                    f"{name:<8} {stats['batches']:4d} batches "
+                    + " ".join(f"{figure} {stats[figure]}" for figure in FIGURES)
+                )
     print(f"\nmedian of {args.repeats} runs (min–max), baseline {args.baseline}:")
     for figure in FIGURES:
         for label, runs in samples.items():

@@ -3,6 +3,7 @@ backend, raw-socket helpers. Every wait here has a deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,3 +231,16 @@ def parse_head(data: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
     status = int(lines[0].split(" ", 2)[1])
     headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:])]
     return status, headers, body
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll ``predicate`` on the running loop until it holds, bounded in count
+    and time (tests never sleep to synchronise)."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s * 100)):
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")

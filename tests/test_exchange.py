@@ -26,7 +26,7 @@ from yarl import URL
 
 from gateway import proxy
 from gateway.config import GatewayConfig
-from tests.servers import free_port, parse_head
+from tests.servers import free_port, parse_head, wait_for
 from tests.upstream import LoopbackServer, ScriptedUpstream, fixed, send, stall
 
 Outcome = proxy.Failure | proxy.Relayed
@@ -120,18 +120,6 @@ async def exchange(upstream_url: str, **changes: object) -> AsyncIterator[Exchan
     finally:
         await runner.cleanup()
         await session.close()
-
-
-async def _wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Poll ``predicate`` until it holds, bounded in count and time."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s * 100)):
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 async def _get(ex: Exchange, path: str, *, read: bool = True, keep_alive: bool = False) -> bytes:
@@ -316,7 +304,7 @@ async def test_a_body_over_the_limit_while_streaming_upstream_is_a_413() -> None
             writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
             writer.write(b"64\r\n" + b"x" * 100 + b"\r\n")  # past the buffer: streams
             await writer.drain()
-            await _wait_for(lambda: bool(up.requests))
+            await wait_for(lambda: bool(up.requests))
             writer.write(b"1000\r\n" + b"x" * 4096 + b"\r\n0\r\n\r\n")
             await writer.drain()
             answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -448,7 +436,7 @@ async def test_a_client_that_stops_reading_is_dropped() -> None:
         try:
             writer.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
             await writer.drain()
-            await _wait_for(lambda: bool(ex.outcomes))  # never reading a byte
+            await wait_for(lambda: bool(ex.outcomes))  # never reading a byte
             # Dropped: what is left in the socket buffers, then the end.
             received = 0
             with contextlib.suppress(ConnectionError):
@@ -467,7 +455,7 @@ async def test_a_client_that_disconnects_mid_body_is_reported_as_gone() -> None:
         exchange(up.url, client_timeout_s=30) as ex,
     ):
         head = await _get(ex, "/big", read=False)
-        await _wait_for(lambda: bool(ex.outcomes))
+        await wait_for(lambda: bool(ex.outcomes))
     assert parse_head(head)[0] == 200
     assert ex.outcomes == [proxy.Relayed(client_error="client_disconnected")]
 
@@ -569,7 +557,7 @@ async def test_the_body_limit_counts_every_chunk_not_the_last_one() -> None:
             writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
             writer.write(b"64\r\n" + b"x" * 100 + b"\r\n")  # past the buffer: streams
             await writer.drain()
-            await _wait_for(lambda: bool(up.heads))  # the first 100 bytes were read
+            await wait_for(lambda: bool(up.heads))  # the first 100 bytes were read
             # 2000 bytes: under the limit alone, 2100 with the first ones.
             writer.write(b"7d0\r\n" + b"x" * 2000 + b"\r\n0\r\n\r\n")
             await writer.drain()
@@ -612,7 +600,7 @@ async def test_a_declared_length_over_the_buffer_streams_before_the_body_is_all_
             writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
             writer.write(b"x" * 10)  # less than the buffer
             await writer.drain()
-            await _wait_for(lambda: bool(up.heads), timeout_s=3)
+            await wait_for(lambda: bool(up.heads), timeout_s=3)
             writer.write(b"x" * 4990)
             await writer.drain()
             answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -638,11 +626,11 @@ async def test_the_upstream_pool_opens_at_most_max_connections() -> None:
     ):
         first = asyncio.create_task(_get(ex, "/held?1"))
         second = asyncio.create_task(_get(ex, "/held?2"))
-        await _wait_for(lambda: len(up.requests) == 1)
+        await wait_for(lambda: len(up.requests) == 1)
         # A negative check: the second request must not reach the upstream
         # while the only connection is busy (it would within milliseconds).
         with pytest.raises(AssertionError):
-            await _wait_for(lambda: len(up.requests) > 1, timeout_s=0.3)
+            await wait_for(lambda: len(up.requests) > 1, timeout_s=0.3)
         release.set()
         answers = await asyncio.gather(first, second)
     assert [parse_head(a)[2] for a in answers] == [b"ok", b"ok"]
@@ -673,7 +661,7 @@ async def test_a_buffered_body_cut_short_by_the_client_is_a_400() -> None:
             writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
             writer.write_eof()
             await writer.drain()
-            await _wait_for(lambda: bool(ex.outcomes))
+            await wait_for(lambda: bool(ex.outcomes))
         finally:
             writer.transport.abort()
     assert ex.outcomes == [
@@ -708,12 +696,12 @@ async def test_a_streamed_body_the_client_does_not_finish_is_its_400_not_an_upst
             writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
             writer.write(b"x" * 100)  # past the buffer: streams
             await writer.drain()
-            await _wait_for(_started(up))
+            await wait_for(_started(up))
             if closes == "its side":
                 writer.write_eof()
             else:
                 writer.transport.abort()
-            await _wait_for(lambda: bool(ex.outcomes))
+            await wait_for(lambda: bool(ex.outcomes))
         finally:
             writer.transport.abort()
     assert ex.outcomes == [
@@ -766,7 +754,7 @@ async def test_concurrent_requests_each_get_an_upstream_connection_below_the_lim
         exchange(up.url, max_connections=3) as ex,
     ):
         tasks = [asyncio.create_task(_get(ex, f"/held?{i}")) for i in range(3)]
-        await _wait_for(lambda: len(up.requests) == 3)  # all three at once
+        await wait_for(lambda: len(up.requests) == 3)  # all three at once
         release.set()
         answers = await asyncio.gather(*tasks)
     assert [parse_head(a)[2] for a in answers] == [b"ok"] * 3
@@ -853,7 +841,7 @@ async def test_the_last_words_to_a_client_that_does_not_read_take_at_most_a_seco
     try:
         writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await writer.drain()
-        await _wait_for(lambda: bool(took_s), timeout_s=5)  # never reading a byte
+        await wait_for(lambda: bool(took_s), timeout_s=5)  # never reading a byte
     finally:
         writer.transport.abort()
         await runner.cleanup()

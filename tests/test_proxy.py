@@ -11,7 +11,6 @@ import logging
 import socket
 import time
 import zlib
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,7 +26,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from latency_common.telemetry import Telemetry
 from tests.conftest import GatewayFactory, Traced
-from tests.servers import BackendThread, parse_head, raw_request
+from tests.servers import BackendThread, parse_head, raw_request, wait_for
 from tests.upstream import ScriptedUpstream, cut_after, fixed, stall
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -618,10 +617,10 @@ async def test_a_client_gone_mid_upload_is_its_400_on_the_spans_not_an_upstream_
                     b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n" + b"x" * 100
                 )
                 await writer.drain()
-                await _until(lambda: bool(up.requests))
+                await wait_for(lambda: bool(up.requests))
             finally:
                 writer.transport.abort()
-            await _until(lambda: any(s.kind.name == "SERVER" for s in gateway_spans.spans()))
+            await wait_for(lambda: any(s.kind.name == "SERVER" for s in gateway_spans.spans()))
         finally:
             await runner.cleanup()
     client = next(s for s in gateway_spans.spans() if s.kind.name == "CLIENT")
@@ -633,17 +632,6 @@ async def test_a_client_gone_mid_upload_is_its_400_on_the_spans_not_an_upstream_
     assert (client.attributes or {})["error.type"] == "ConnectionResetError"
     assert client.status.description == "request body incomplete"
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-
-
-async def _until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s * 100)):
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 @pytest.mark.parametrize(
