@@ -332,10 +332,13 @@ async def test_the_module_variant_tags_the_first_request_too(
         await page.goto(page_server.url)
         echoed = await _wait_for(page, "window.echoed")
         await context.close()
-    assert echoed["raw_uri"] == "/api/echo/module-first", echoed
-    spans = receiver.wait_for(
-        lambda spans: any(s.attributes.get("url.path") == "/api/echo/module-first" for s in spans)
-    )
+        assert echoed["raw_uri"] == "/api/echo/module-first", echoed
+        # Before the stack kills the gateway, with spans of its last 200 ms.
+        spans = receiver.wait_for(
+            lambda spans: any(
+                s.attributes.get("url.path") == "/api/echo/module-first" for s in spans
+            )
+        )
     [server] = [
         s
         for s in spans
@@ -381,14 +384,17 @@ async def test_the_sampled_flag_matches_the_gateways_ratio_sampling(
         await page.goto(page_server.url)
         assert await _wait_for(page, "window.done") is True
         await context.close()
-    assert len(sent) == count
-    sampled = {trace_id for trace_id, flags in sent.items() if flags == "03"}
-    assert set(sent.values()) == {"02", "03"}, sent  # 2^-23 to fail by chance
-    spans = receiver.wait_for(
-        lambda spans: (
-            sampled <= {s.trace_id for s in spans if s.service == "gateway" and s.kind == SERVER}
+        assert len(sent) == count
+        sampled = {trace_id for trace_id, flags in sent.items() if flags == "03"}
+        assert set(sent.values()) == {"02", "03"}, sent  # 2^-23 to fail by chance
+        # While the gateway still runs: leaving the stack kills it, and spans
+        # of the last 200 ms (its export delay) would go with it.
+        spans = receiver.wait_for(
+            lambda spans: (
+                sampled
+                <= {s.trace_id for s in spans if s.service == "gateway" and s.kind == SERVER}
+            )
         )
-    )
     servers = {s.trace_id for s in spans if s.service == "gateway" and s.kind == SERVER}
     # The dropped ones are never recorded, so there is nothing late to wait for.
     assert servers & set(sent) == sampled
@@ -464,10 +470,11 @@ async def test_non_allowlisted_origin_gets_no_headers_and_no_exposure(
             f"fetch('{base}{marker}').then(r => 'read', e => 'blocked: ' + e)"
         )
         await context.close()
-    assert outcome.startswith("blocked")  # neither the backend nor we grant CORS
-    spans = receiver.wait_for(
-        lambda spans: any(s.attributes.get("url.path") == marker for s in spans)
-    )
+        assert outcome.startswith("blocked")  # neither the backend nor we grant CORS
+        # Before the stack kills the gateway, with spans of its last 200 ms.
+        spans = receiver.wait_for(
+            lambda spans: any(s.attributes.get("url.path") == marker for s in spans)
+        )
     [server] = [
         s for s in spans if s.service == "gateway" and s.attributes.get("url.path") == marker
     ]
