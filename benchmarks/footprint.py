@@ -48,10 +48,10 @@ def snippet_size() -> dict[str, int]:
 def served_size() -> dict[str, int]:
     """``/__gateway/snippet.js`` as a gateway with an empty allow-list sends
     it: the bytes its start-up builds (``gateway.reserved``), plain and gzip."""
-    from gateway.reserved import SNIPPET_PATH, served_snippet, served_source
+    from gateway.reserved import SNIPPET_PATH, served_source
     from gateway.snippet import Encoded
 
-    encoded = Encoded.of(served_snippet(served_source(SNIPPET_PATH.read_bytes()), None))
+    encoded = Encoded.of(served_source(SNIPPET_PATH.read_bytes()))
     return {"identity": len(encoded.identity), "gzip": len(encoded.gzip)}
 
 

@@ -139,11 +139,12 @@ class Reserved:
         if SNIPPET_PATH.is_file():
             source = served_source(SNIPPET_PATH.read_bytes())
             allowed = cors.browser_pattern()
-            classic = served_snippet(source, allowed)
-            module = served_snippet(source + SNIPPET_MODULE_FOOTER, allowed)
+            classic = with_marker(source, ALLOWED_ORIGINS_MARKER, allowed)
+            module = with_marker(source + SNIPPET_MODULE_FOOTER, ALLOWED_ORIGINS_MARKER, allowed)
             self.snippet = (snippet.Encoded.of(classic), snippet.Encoded.of(module))
             bound = sampling.snippet_bound(self.sampler)
-            classic, module = with_sample_bound(classic, bound), with_sample_bound(module, bound)
+            classic = with_marker(classic, SAMPLE_BOUND_MARKER, bound)
+            module = with_marker(module, SAMPLE_BOUND_MARKER, bound)
             self.sampled_snippet = (snippet.Encoded.of(classic), snippet.Encoded.of(module))
             module = source + SNIPPET_MODULE_FOOTER
             self.versioned_snippet = (snippet.Encoded.of(source), snippet.Encoded.of(module))
@@ -407,18 +408,11 @@ def served_source(source: bytes) -> bytes:
         return source
 
 
-def served_snippet(source: bytes, allowed_pattern: str | None) -> bytes:
-    """The snippet source with the allow-list written at its marker, as a
-    JSON string (valid JavaScript; U+2028/2029 arrive escaped) or null."""
-    value = json.dumps(allowed_pattern).encode()
-    return source.replace(ALLOWED_ORIGINS_MARKER, b"/*@gateway-allowed-origins*/ " + value)
-
-
-def with_sample_bound(body: bytes, bound: str | None) -> bytes:
-    """The served snippet with the sampler's bound (16 hex digits, or None)
-    written at its marker, as a JSON string or null."""
-    value = json.dumps(bound).encode()
-    return body.replace(SAMPLE_BOUND_MARKER, b"/*@gateway-sample-bound*/ " + value)
+def with_marker(body: bytes, marker: bytes, value: str | None) -> bytes:
+    """The snippet with ``value`` written at ``marker`` (one of the
+    ``*_MARKER`` constants, which end in ``null``) as a JSON string (valid
+    JavaScript; U+2028/2029 arrive escaped), or left null for None."""
+    return body.replace(marker, marker.removesuffix(b"null") + json.dumps(value).encode())
 
 
 def snippet_response(
