@@ -248,21 +248,13 @@ class LightSpan(trace_api.Span):
         self._links: Sequence[Link] = tracer.bounded_links(links) if links else ()
         self._start_time = start_time if start_time is not None else time_ns()
         limit = tracer.max_attributes
-        table: dict[str, types.AnyValue] | BoundedAttributes
+        self._attributes: dict[str, types.AnyValue] | BoundedAttributes = dict(attributes)
         if (
             tracer.bounded
             or (limit is not None and len(attributes) > limit)
             or not _all_plain(attributes)
         ):
-            table = BoundedAttributes(
-                limit,
-                attributes,
-                immutable=False,
-                max_value_len=tracer.limits.max_span_attribute_length,
-            )
-        else:
-            table = dict(attributes)
-        self._attributes = table
+            self._bounded()
 
     def get_span_context(self) -> SpanContext:
         return self._context
@@ -297,8 +289,9 @@ class LightSpan(trace_api.Span):
             self.set_attribute(key, value)
 
     def _bounded(self) -> BoundedAttributes:
-        """The SDK's attribute table from now on: what was set so far (never
-        more than the limit, so nothing is evicted on the way)."""
+        """The SDK's attribute table from now on, built from what was set so
+        far (cleaned, truncated and, past the limit, evicted as the SDK's
+        own table would have done)."""
         table = self._attributes
         if type(table) is dict:
             table = self._attributes = BoundedAttributes(
