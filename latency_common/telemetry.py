@@ -151,6 +151,11 @@ _CREDENTIAL_PROVIDER_VARS = (
 )
 
 
+def _credential_plugin(environ: Mapping[str, str]) -> bool:
+    """Whether a credential-provider plugin builds the exporter's session."""
+    return any(environ.get(name, "").strip() for name in _CREDENTIAL_PROVIDER_VARS)
+
+
 def export_session(endpoint: str, environ: Mapping[str, str]) -> requests.Session | None:
     """The exporter's HTTP session, with what ``requests`` would look up in
     the environment on every post resolved once, now.
@@ -163,7 +168,7 @@ def export_session(endpoint: str, environ: Mapping[str, str]) -> requests.Sessio
     ``~/.netrc``, no longer read) needs a restart. None (the SDK builds its
     own) when a credential-provider plugin is configured.
     """
-    if any(environ.get(name, "").strip() for name in _CREDENTIAL_PROVIDER_VARS):
+    if _credential_plugin(environ):
         return None
     session = requests.Session()
     # get_environ_proxies applies NO_PROXY to this endpoint; it reads
@@ -195,7 +200,7 @@ def export_transport(endpoint: str, environ: Mapping[str, str]) -> BaseHTTPTrans
     ``OTEL_EXPORTER_OTLP_*CERTIFICATE`` / ``*CLIENT_KEY`` /
     ``*CLIENT_CERTIFICATE``, else ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``,
     else the system's CAs."""
-    if any(environ.get(name, "").strip() for name in _CREDENTIAL_PROVIDER_VARS):
+    if _credential_plugin(environ):
         return None
     # Reads os.environ (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY), as export_session does.
     if requests.utils.get_environ_proxies(endpoint):
