@@ -36,10 +36,12 @@ import statistics
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import servers
 from harness import Procs, free_port, log, python
 from servers import Server
 
@@ -377,6 +379,26 @@ def _row(
 #: The gateway's span export interval in this section.
 SCHEDULE_DELAY_MS = 100
 
+
+def start_gateway(
+    procs: Procs,
+    upstream_url: str,
+    sink: Server,
+    schedule_delay_ms: int = SCHEDULE_DELAY_MS,
+) -> Callable[[str, dict[str, str]], Server]:
+    """The ``gateway_factory`` :func:`run` takes: one worker in front of
+    ``upstream_url``, exporting to ``sink`` every ``schedule_delay_ms``."""
+    return lambda origins, env: servers.gateway(
+        procs,
+        "gateway-accuracy",
+        upstream_url,
+        workers=1,
+        otlp_endpoint=sink.url,
+        env={**env, "OTEL_BSP_SCHEDULE_DELAY": str(schedule_delay_ms)},
+        allowed_origins=origins,
+    )
+
+
 #: Requests made, and not counted, before a cell's measured ones. The first
 #: request after a page load meets a machine still busy with that page load
 #: (a new renderer process starts per browser context, the demo renders its
@@ -658,7 +680,6 @@ def main() -> int:
     import argparse
     import tempfile
 
-    import servers
     from harness import Procs
 
     parser = argparse.ArgumentParser(description="benchmarks/accuracy.py: section 2 alone")
@@ -679,18 +700,7 @@ def main() -> int:
         sink = servers.sink(procs, "sink-accuracy", keep=True)
         summaries = run(
             procs,
-            lambda origins, env: servers.gateway(
-                procs,
-                "gateway-accuracy",
-                upstream.url,
-                workers=1,
-                otlp_endpoint=sink.url,
-                env={
-                    **env,
-                    "OTEL_BSP_SCHEDULE_DELAY": str(args.schedule_delay_ms or SCHEDULE_DELAY_MS),
-                },
-                allowed_origins=origins,
-            ),
+            start_gateway(procs, upstream.url, sink, args.schedule_delay_ms or SCHEDULE_DELAY_MS),
             sink,
             [_path(p) for p in args.paths.split(",")],
             [float(s) * 1000 for s in args.skews_s.split(",")],

@@ -668,15 +668,7 @@ def main() -> int:
         foreign = harness.ForeignCpu().__enter__()
         r["accuracy"] = accuracy.run(
             procs,
-            lambda origins, env: servers.gateway(
-                procs,
-                "gateway-accuracy",
-                upstream.url,
-                workers=1,
-                otlp_endpoint=keep_sink.url,
-                env={**env, "OTEL_BSP_SCHEDULE_DELAY": str(accuracy.SCHEDULE_DELAY_MS)},
-                allowed_origins=origins,
-            ),
+            accuracy.start_gateway(procs, upstream.url, keep_sink),
             keep_sink,
             settings["paths"],
             settings["skews_ms"],
