@@ -21,18 +21,6 @@ from gateway.config import ConfigError, GatewayConfig
 from tests.servers import BackendThread, Process, parse_head, raw_request
 
 
-@pytest.fixture(scope="module")
-def echo_backend() -> Iterator[BackendThread]:
-    from tests.conftest import make_traced
-
-    server = BackendThread(make_traced(sampler=None, service="backend"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def _gateway(backend: BackendThread, preserve: str | None) -> Process:
     env = {"GATEWAY_CLOCK_KEY": "preserve-host-key-0123456789", "OTEL_TRACES_EXPORTER": "none"}
     if preserve is not None:
@@ -41,8 +29,8 @@ def _gateway(backend: BackendThread, preserve: str | None) -> Process:
 
 
 @pytest.fixture(scope="module")
-def preserving(echo_backend: BackendThread) -> Iterator[Process]:
-    with _gateway(echo_backend, "1") as proc:
+def preserving(backend: BackendThread) -> Iterator[Process]:
+    with _gateway(backend, "1") as proc:
         yield proc
 
 
@@ -66,11 +54,11 @@ def test_preserved_host_reaches_the_backend(preserving: Process, host: str) -> N
     assert seen == [host]
 
 
-def test_default_sends_the_upstreams_own_host(echo_backend: BackendThread) -> None:
-    with _gateway(echo_backend, None) as gateway:
+def test_default_sends_the_upstreams_own_host(backend: BackendThread) -> None:
+    with _gateway(backend, None) as gateway:
         status, seen = _hosts_seen(gateway.port, ["shop.example:8443"])
     assert status == 200
-    assert seen == [f"127.0.0.1:{echo_backend.port}"]
+    assert seen == [f"127.0.0.1:{backend.port}"]
 
 
 @pytest.mark.parametrize(
@@ -84,12 +72,12 @@ def test_default_sends_the_upstreams_own_host(echo_backend: BackendThread) -> No
     ],
 )
 def test_a_malformed_host_is_not_passed_on(
-    preserving: Process, echo_backend: BackendThread, hosts: list[str]
+    preserving: Process, backend: BackendThread, hosts: list[str]
 ) -> None:
     status, seen = _hosts_seen(preserving.port, hosts)
     assert status < 500
     if status == 200:
-        assert seen == [f"127.0.0.1:{echo_backend.port}"]
+        assert seen == [f"127.0.0.1:{backend.port}"]
 
 
 @settings(
@@ -103,12 +91,12 @@ def test_a_malformed_host_is_not_passed_on(
     )
 )
 def test_fuzzed_host_values_never_get_a_5xx(
-    preserving: Process, echo_backend: BackendThread, host: str
+    preserving: Process, backend: BackendThread, host: str
 ) -> None:
     status, seen = _hosts_seen(preserving.port, [host])
     assert status < 500
     if status == 200:
-        assert seen in ([host], [f"127.0.0.1:{echo_backend.port}"])
+        assert seen in ([host], [f"127.0.0.1:{backend.port}"])
     assert "Traceback" not in preserving.stderr_text()
 
 

@@ -77,19 +77,7 @@ HOSTILE: st.SearchStrategy[Any] = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def fuzz_backend() -> Iterator[BackendThread]:
-    from tests.conftest import make_traced
-
-    server = BackendThread(make_traced(sampler=None, service="backend"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway_proc(fuzz_backend: BackendThread) -> Iterator[Process]:
+def gateway_proc(backend: BackendThread) -> Iterator[Process]:
     env = {
         "GATEWAY_CLOCK_KEY": KEY,
         "GATEWAY_LOG_LEVEL": "debug",
@@ -98,7 +86,7 @@ def gateway_proc(fuzz_backend: BackendThread) -> Iterator[Process]:
         "GATEWAY_TRUSTED_PROXIES": "1",
         "GATEWAY_ALLOWED_ORIGINS": ORIGIN,
     }
-    args = ["--upstream", fuzz_backend.url, "--port", "0", "--workers", "1"]
+    args = ["--upstream", backend.url, "--port", "0", "--workers", "1"]
     with Process("gateway", args, env) as proc:
         yield proc
         _, stderr = proc.terminate()
