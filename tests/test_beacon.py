@@ -315,15 +315,12 @@ async def test_beacon_makes_the_browser_span_the_parent_of_the_gateway_span(
     async with http.get(base + "/api/activities/home", headers=headers) as resp:
         await resp.read()
         t3 = time.time() * 1000
-        clock = resp.headers["X-Gateway-Clock"]
-        tok = re.search(r'tok="([^"]+)"', clock)
-        bind = re.search(r'bind="([^"]+)"', clock)
-        assert tok is not None
+        tok, bind = _clock(resp.headers)
         assert bind is not None
     entry = _entry(
         tp=f"00-{TRACE}-{span_id}-03",
-        tok=tok.group(1),
-        b=bind.group(1),
+        tok=tok,
+        b=bind,
         marks={
             "startTime": t0,
             "requestStart": t0 + 0.2,
@@ -629,17 +626,14 @@ async def test_browser_spans_follow_the_gateways_sampling_decision(
             async with http.get(base + "/api/health", headers=headers) as resp:
                 await resp.read()
                 t3 = time.time() * 1000
-                clock = resp.headers["X-Gateway-Clock"]
-            tok = re.search(r'tok="([^"]+)"', clock)
-            bind = re.search(r'bind="([^"]+)"', clock)
-            assert tok is not None
+                tok, bind = _clock(resp.headers)
             assert bind is not None
             marks = {"startTime": t0, "responseEnd": t3}
             entries.append(
                 _entry(
                     tp=f"00-{trace_id}-{span_id}-{flags}",
-                    tok=tok.group(1),
-                    b=bind.group(1),
+                    tok=tok,
+                    b=bind,
                     off=0.0,
                     marks=marks,
                 )
