@@ -14,10 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
 from werkzeug.serving import BaseWSGIServer, make_server
 
 if TYPE_CHECKING:
@@ -244,3 +245,17 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> No
             break
         await asyncio.sleep(0.01)
     raise AssertionError("condition never held")
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[int]:
+    """``app`` on a loopback port (yielded) as the gateway's CLI runs it:
+    through an ``AppRunner``, where a client that disconnects does not cancel
+    the handler (aiohttp's ``TestServer`` would)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()

@@ -26,7 +26,7 @@ from yarl import URL
 
 from gateway import proxy
 from gateway.config import GatewayConfig
-from tests.servers import free_port, parse_head, wait_for
+from tests.servers import free_port, parse_head, serving, wait_for
 from tests.upstream import LoopbackServer, ScriptedUpstream, fixed, send, stall
 
 Outcome = proxy.Failure | proxy.Relayed
@@ -108,17 +108,11 @@ async def exchange(upstream_url: str, **changes: object) -> AsyncIterator[Exchan
     app = web.Application()
     app.on_response_prepare.append(proxy.drop_default_headers)
     app.router.add_route("*", "/{tail:.*}", handle)
-    # As the gateway's CLI runs it: a client that disconnects does not cancel
-    # the handler (aiohttp's TestServer would), so relay() sees it go.
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    # As the gateway's CLI runs it, so relay() sees a client go.
     try:
-        port = runner.addresses[0][1]
-        yield Exchange(f"http://127.0.0.1:{port}", outcomes)
+        async with serving(app) as port:
+            yield Exchange(f"http://127.0.0.1:{port}", outcomes)
     finally:
-        await runner.cleanup()
         await session.close()
 
 
@@ -833,18 +827,14 @@ async def test_the_last_words_to_a_client_that_does_not_read_take_at_most_a_seco
 
     app = web.Application()
     app.router.add_get("/", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
-    try:
-        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        await writer.drain()
-        await wait_for(lambda: bool(took_s), timeout_s=5)  # never reading a byte
-    finally:
-        writer.transport.abort()
-        await runner.cleanup()
+    async with serving(app) as port:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            await writer.drain()
+            await wait_for(lambda: bool(took_s), timeout_s=5)  # never reading a byte
+        finally:
+            writer.transport.abort()
     assert 1.0 <= took_s[0] < 3.0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
@@ -899,14 +889,10 @@ async def test_an_answer_that_has_all_arrived_leaves_in_one_send(answer: bytes) 
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
         try:
-            received = await _get(Exchange(f"http://127.0.0.1:{runner.addresses[0][1]}"), "/x")
+            async with serving(app) as port:
+                received = await _get(Exchange(f"http://127.0.0.1:{port}"), "/x")
         finally:
-            await runner.cleanup()
             await session.close()
     status, _, body = parse_head(received)
     assert status == int(answer.split(b" ")[1])

@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -26,7 +25,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from latency_common.telemetry import Telemetry
 from tests.conftest import GatewayFactory, Traced
-from tests.servers import BackendThread, parse_head, raw_request, wait_for
+from tests.servers import BackendThread, parse_head, raw_request, serving, wait_for
 from tests.upstream import ScriptedUpstream, cut_after, fixed, stall
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -605,12 +604,7 @@ async def test_a_client_gone_mid_upload_is_its_400_on_the_spans_not_an_upstream_
             spans=("server", "client"),
         )
         app = create_app(config, telemetry=Telemetry(gateway_spans.provider))
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            port = runner.addresses[0][1]
+        async with serving(app) as port:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
                 writer.write(
@@ -621,8 +615,6 @@ async def test_a_client_gone_mid_upload_is_its_400_on_the_spans_not_an_upstream_
             finally:
                 writer.transport.abort()
             await wait_for(lambda: any(s.kind.name == "SERVER" for s in gateway_spans.spans()))
-        finally:
-            await runner.cleanup()
     client = next(s for s in gateway_spans.spans() if s.kind.name == "CLIENT")
     server = next(s for s in gateway_spans.spans() if s.kind.name == "SERVER")
     server_attrs = server.attributes or {}
